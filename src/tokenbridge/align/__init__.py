@@ -1,0 +1,1 @@
+"""Vocabulary alignment: every token as exact bytes, and the match between two vocabularies."""

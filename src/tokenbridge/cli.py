@@ -1,0 +1,132 @@
+"""The command line: a thin layer over the Python API.
+
+Problems with the user's input print one line (``tokenbridge: error: ...``) and
+exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .errors import TokenbridgeError
+
+EXIT_USAGE = 2
+
+
+def _options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise TokenbridgeError(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def cmd_transplant(args) -> int:
+    from .load.packaged import resolve
+    from .transplant import transplant
+
+    out, report = transplant(
+        resolve(args.source), resolve(args.target), args.out, method=args.method, options=_options(args.option),
+        seed=args.seed, force=args.force, allow_pickle=args.allow_pickle, progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps({"out": str(out), **report.summary()}, indent=2, ensure_ascii=False))
+    else:
+        counts = report.counts
+        print(f"wrote {out}")
+        print(f"  {report.model_type}, {report.source_vocab_size} -> {report.target_vocab_size} tokens, "
+              f"method {report.method}, seed {report.seed}, {'tied' if report.tied else 'untied'} embeddings")
+        print(f"  copied {counts['copied']} rows by bytes and {counts['copied_special']} special tokens; "
+              f"initialised {counts['initialised']} ({counts['fallback']} by fallback); "
+              f"{counts['unmatched_special']} special tokens had no source counterpart")
+        print(f"  {report.seconds:.1f} s, peak memory {report.peak_rss_mb:.0f} MB; provenance in {out}/tokenbridge.json")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from .load.gguf import convert_gguf
+    from .load.packaged import resolve
+
+    out = convert_gguf(resolve(args.gguf), Path(args.out), force=args.force)
+    if args.json:
+        print(json.dumps({"out": str(out)}))
+    else:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from .init import available_methods
+
+    methods = available_methods()
+    if args.json:
+        print(json.dumps({name: {"summary": m.summary,
+                                 "options": {f.name: f.default for f in dataclasses.fields(m.config_cls)}}
+                          for name, m in methods.items()}, indent=2))
+    else:
+        for name, method in methods.items():
+            options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(method.config_cls))
+            print(f"{name:10s} {method.summary}" + (f"  [{options}]" if options else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenbridge", description="Move a pretrained LM onto another tokenizer.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("transplant", help="give a model a new tokenizer")
+    p.add_argument("source", help="model directory (safetensors), .gguf file, or packaged:smollm2|gemma3")
+    p.add_argument("target", help="tokenizer directory, model directory, tokenizer.json, .gguf, or packaged:NAME")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (pytorch_model.bin)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_transplant)
+
+    p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("methods", help="list initialisation methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokenbridgeError as error:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"tokenbridge: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tokenbridge: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"tokenbridge: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE

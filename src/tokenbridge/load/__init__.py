@@ -1,0 +1,1 @@
+"""Loading: safetensors checkpoints, GGUF files, tokenizers, packaged models."""

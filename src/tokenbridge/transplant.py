@@ -1,0 +1,337 @@
+"""The transplant pipeline: load -> align -> initialise -> write.
+
+Only the vocabulary-sized tensors (input embeddings, output head, vocabulary
+bias) are read into memory; every other tensor is streamed byte for byte from the
+source shards into the output shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .align.encode import ByteEncoder
+from .align.token_bytes import Vocabulary, vocabulary
+from .align.vocab import ROLES, Alignment, align
+from .arch import ArchSpec, arch_spec
+from .arch.spec import set_dotted
+from .errors import TokenbridgeError
+from .init.registry import MethodInputs, get_method, make_config
+from .load.checkpoint import Checkpoint, open_checkpoint
+from .load.tokenizer import load_tokenizer
+from .report import RowProvenance, SpecialMatch, TransplantReport
+from .write.output_dir import check_output, staged_output
+from .write.safetensors_stream import OutTensor, write_safetensors
+
+
+@dataclass
+class VocabTensors:
+    """Checkpoint names of the vocabulary-sized tensors present in one source."""
+
+    input: list[str]
+    output: list[str]
+    output_bias: list[str]
+
+
+def resolve_source(source: Path) -> Path:
+    """A model directory for ``source`` (a ``.gguf`` file is dequantised once and cached)."""
+    source = Path(source)
+    if not source.exists():
+        raise TokenbridgeError(f"{source}: no such file or directory")
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise TokenbridgeError(f"{source}: expected a model directory or a .gguf file")
+        from .load.gguf import cached_model_dir
+
+        return cached_model_dir(source)
+    return source
+
+
+def locate_vocab_tensors(checkpoint: Checkpoint, spec: ArchSpec, tied: bool) -> VocabTensors:
+    present = checkpoint.tensors
+    found = VocabTensors(
+        input=[n for n in spec.input if n in present],
+        output=[n for n in spec.output if n in present],
+        output_bias=[n for n in spec.output_bias if n in present],
+    )
+    if not found.input:
+        raise TokenbridgeError(
+            f"{checkpoint.directory}: no input embeddings (looked for {', '.join(spec.input)})"
+        )
+    if not tied and not found.output:
+        raise TokenbridgeError(
+            f"{checkpoint.directory}: untied model without an output head (looked for {', '.join(spec.output)})"
+        )
+    rows = present[found.input[0]].shape[0]
+    known = set(found.input + found.output + found.output_bias)
+    for name, entry in present.items():
+        if name not in known and rows in entry.shape:
+            raise TokenbridgeError(
+                f"{checkpoint.directory}: tensor {name} {list(entry.shape)} looks vocabulary-sized but "
+                f"architecture {spec.model_type!r} does not say what it is (tokenbridge/arch/architectures.json)"
+            )
+    return found
+
+
+def is_tied(checkpoint: Checkpoint) -> bool:
+    """The config's ``tie_word_embeddings``, with the architecture's default where it is absent."""
+    if "tie_word_embeddings" in checkpoint.config:
+        return bool(checkpoint.config["tie_word_embeddings"])
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint.directory))
+    except Exception as error:  # noqa: BLE001
+        raise TokenbridgeError(f"{checkpoint.directory}/config.json: transformers cannot read it ({error})") from None
+    return bool(getattr(config, "tie_word_embeddings", True))
+
+
+def padded_size(target_size: int, source_rows: int, source_vocab: int) -> int:
+    """Keep the source's habit of padding the vocabulary dimension (e.g. to a multiple of 64)."""
+    if source_rows <= source_vocab:
+        return target_size
+    multiple = 1
+    while multiple < 256 and source_rows % (multiple * 2) == 0:
+        multiple *= 2
+    return -(-target_size // multiple) * multiple
+
+
+class _Builder:
+    """Builds one vocabulary-sized matrix from the alignment and a method."""
+
+    def __init__(self, alignment: Alignment, method, config, source_encoder: ByteEncoder, seed: int,
+                 rows_out: int, embed_scale: float, progress: bool):
+        self.alignment = alignment
+        self.method = method
+        self.config = config
+        self.encoder = source_encoder
+        self.seed = seed
+        self.rows_out = rows_out
+        self.embed_scale = embed_scale
+        self.progress = progress
+        self.target_ids = torch.tensor([m.target_id for m in alignment.matches], dtype=torch.int64)
+        self.source_ids = torch.tensor([m.source_id for m in alignment.matches], dtype=torch.int64)
+
+    def generator(self, matrix: str) -> torch.Generator:
+        offset = int.from_bytes(hashlib.sha256(matrix.encode()).digest()[:4], "little")
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+    def build(self, stored: torch.Tensor, matrix: str) -> tuple[torch.Tensor, list[RowProvenance], "object"]:
+        """``stored [V_rows, d]`` (source dtype) -> ``[rows_out, d]`` in the same dtype, plus provenance."""
+        source_vocab = len(self.alignment.source)
+        work = stored[:source_vocab].float()
+        out = torch.empty((self.rows_out, stored.shape[1]), dtype=stored.dtype)
+        out[self.target_ids] = stored[self.source_ids]
+        target = self.alignment.target
+        new_tokens = [target.tokens[i] for i in self.alignment.new]
+        inputs = MethodInputs(work, matrix, new_tokens, self.alignment.source, self.encoder,
+                              self.generator(matrix), self.embed_scale, self.progress)
+        result = self.method.fn(inputs, self.config)
+        if result.rows.shape != (len(new_tokens), stored.shape[1]):
+            raise AssertionError(f"method {self.method.name} returned rows of shape {tuple(result.rows.shape)}")
+        provenance = []
+        if new_tokens:
+            out[torch.tensor(self.alignment.new)] = result.rows.to(stored.dtype)
+            for info, ids, weights, fell in zip(new_tokens, result.source_ids, result.weights, result.fallback):
+                how = "fallback:mean" if fell else self.method.name
+                provenance.append(RowProvenance(info.id, info.token, how, list(ids), [round(w, 6) for w in weights]))
+        mean = work.mean(dim=0).to(stored.dtype)
+        for index in self.alignment.unmatched_special:
+            out[index] = mean
+            provenance.append(RowProvenance(index, target.tokens[index].token, "special:unmatched"))
+        for index in range(len(target), self.rows_out):
+            if index < stored.shape[0] and index >= source_vocab:
+                out[index] = stored[index]
+                provenance.append(RowProvenance(index, "", "padding", [index], [1.0]))
+            else:
+                out[index] = mean
+                provenance.append(RowProvenance(index, "", "padding"))
+        provenance.sort(key=lambda p: p.target_id)
+        return out, provenance, result
+
+    def bias(self, stored: torch.Tensor, provenance: list[RowProvenance]) -> torch.Tensor:
+        """A vocabulary bias: copied rows copied, new rows combined with the rows' own weights."""
+        out = torch.empty((self.rows_out,), dtype=stored.dtype)
+        out[self.target_ids] = stored[self.source_ids]
+        mean = stored[: len(self.alignment.source)].float().mean()
+        for row in provenance:
+            if row.source_ids:
+                value = sum(w * float(stored[i]) for i, w in zip(row.source_ids, row.weights))
+            else:
+                value = mean
+            out[row.target_id] = value
+        return out
+
+
+def _special_ids(tokenizer, alignment: Alignment) -> dict[str, int]:
+    ids = {}
+    for role in ROLES:
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            ids[role] = int(token_id)
+    return ids
+
+
+def _map_ids(value, reverse: dict[int, list[int]], fallback: int | None):
+    """Map source token id(s) in a config to target ids through the special-token matches."""
+    if isinstance(value, list):
+        mapped = []
+        for item in value:
+            for target in reverse.get(item, []):
+                if target not in mapped:
+                    mapped.append(target)
+        if fallback is not None and fallback not in mapped:
+            mapped.insert(0, fallback)
+        return mapped
+    if fallback is not None:
+        return fallback
+    targets = reverse.get(value, []) if isinstance(value, int) else []
+    return targets[0] if targets else None
+
+
+def _update_special_ids(config: dict, target_ids: dict[str, int], alignment: Alignment) -> dict:
+    """Set ``<role>_token_id`` keys from the target tokenizer; lists (several eos) keep their mapped members."""
+    reverse: dict[int, list[int]] = {}
+    for match in alignment.matches:
+        if match.how.startswith("special:"):
+            reverse.setdefault(match.source_id, []).append(match.target_id)
+    updated = dict(config)
+    for role in ROLES:
+        key = f"{role}_token_id"
+        if key in updated:
+            updated[key] = _map_ids(updated[key], reverse, target_ids.get(role))
+    return updated
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def transplant(source, target_tokenizer, out, method: str = "subword", options: dict | None = None,
+               seed: int = 0, force: bool = False, allow_pickle: bool = False,
+               progress: bool = True) -> tuple[Path, TransplantReport]:
+    """Give the model at ``source`` the tokenizer at ``target_tokenizer``; write it to ``out``.
+
+    Returns the written directory and a :class:`TransplantReport`.
+    """
+    started = time.perf_counter()
+    source, target_path, out = Path(source), Path(target_tokenizer), Path(out)
+    for path in (source, target_path):
+        if not path.exists():
+            raise TokenbridgeError(f"{path}: no such file or directory")
+    check_output(out, force, protected=[source, target_path])
+    chosen = get_method(method)
+    config = make_config(chosen, options)
+
+    model_dir = resolve_source(source)
+    checkpoint = open_checkpoint(model_dir, allow_pickle=allow_pickle)
+    spec = arch_spec(checkpoint.config["model_type"])
+    tied = is_tied(checkpoint)
+    names = locate_vocab_tensors(checkpoint, spec, tied)
+    source_tokenizer = load_tokenizer(model_dir)
+    target_tok = load_tokenizer(target_path)
+    source_vocab: Vocabulary = vocabulary(source_tokenizer)
+    target_vocab: Vocabulary = vocabulary(target_tok)
+
+    stored_input = checkpoint.read(names.input[0])
+    source_rows = stored_input.shape[0]
+    if len(source_vocab) > source_rows:
+        raise TokenbridgeError(
+            f"{model_dir}: the tokenizer has {len(source_vocab)} tokens but the embeddings only {source_rows} rows"
+        )
+    encoder = ByteEncoder(source_vocab)
+    alignment = align(source_vocab, target_vocab, source_tokenizer, target_tok, encoder)
+    rows_out = padded_size(len(target_vocab), source_rows, len(source_vocab))
+    embed_scale = spec.scale(checkpoint.config)
+    builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress)
+
+    new_input, input_provenance, input_result = builder.build(stored_input, "input")
+    del stored_input
+    replacements: dict[str, torch.Tensor] = {name: new_input for name in names.input}
+    initialised = {"input": input_provenance}
+    output_provenance = input_provenance
+    if names.output:
+        if tied:
+            new_output = new_input
+        else:
+            new_output, output_provenance, _ = builder.build(checkpoint.read(names.output[0]), "output")
+            initialised["output"] = output_provenance
+        replacements.update({name: new_output for name in names.output})
+    if names.output_bias:
+        new_bias = builder.bias(checkpoint.read(names.output_bias[0]), output_provenance)
+        replacements.update({name: new_bias for name in names.output_bias})
+
+    new_config = dict(checkpoint.config)
+    set_dotted(new_config, spec.vocab_key, rows_out)
+    target_special_ids = _special_ids(target_tok, alignment)
+    new_config = _update_special_ids(new_config, target_special_ids, alignment)
+
+    specials = [
+        SpecialMatch(m.target_id, target_vocab.tokens[m.target_id].token, m.source_id,
+                     source_vocab.tokens[m.source_id].token, m.how)
+        for m in alignment.matches if m.how.startswith("special:")
+    ]
+    copied = [(m.target_id, m.source_id) for m in alignment.matches if m.how == "bytes"]
+    fallback = sum(1 for p in input_provenance if p.how == "fallback:mean")
+    report = TransplantReport(
+        source=str(source), target=str(target_path), method=method, options=asdict(config), seed=seed,
+        model_type=spec.model_type, tied=tied, embed_scale=embed_scale,
+        source_vocab_size=len(source_vocab), target_vocab_size=len(target_vocab),
+        counts={
+            "copied": len(copied),
+            "copied_special": len(specials),
+            "initialised": len(alignment.new),
+            "fallback": fallback,
+            "unmatched_special": len(alignment.unmatched_special),
+            "padding": rows_out - len(target_vocab),
+        },
+        specials=specials, copied=copied, initialised=initialised,
+    )
+
+    with staged_output(out, force) as tmp:
+        _write_shards(checkpoint, replacements, tmp, progress)
+        _write_json(tmp / "config.json", new_config)
+        generation = model_dir / "generation_config.json"
+        if generation.is_file():
+            _write_json(tmp / "generation_config.json",
+                        _update_special_ids(json.loads(generation.read_text()), target_special_ids, alignment))
+        target_tok.save_pretrained(str(tmp))
+        report.write(tmp)
+    report.seconds = round(time.perf_counter() - started, 3)
+    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out, report
+
+
+def _write_shards(checkpoint: Checkpoint, replacements: dict[str, torch.Tensor], directory: Path,
+                  progress: bool) -> None:
+    """One output shard per source shard, same names and tensor order; vocabulary tensors replaced."""
+    total = sum(e.nbytes for e in checkpoint.tensors.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, mininterval=0.5)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for path in checkpoint.files:
+        name = path.name if len(checkpoint.files) > 1 else "model.safetensors"
+        tensors = []
+        for entry in checkpoint.tensors_in(path):
+            if entry.name in replacements:
+                tensors.append(OutTensor.of(entry.name, replacements[entry.name]))
+            else:
+                tensors.append(OutTensor.copy(entry))
+            weight_map[entry.name] = name
+        metadata = checkpoint.file_metadata.get(path) or {"format": "pt"}
+        written = write_safetensors(
+            directory / name, tensors, metadata,
+            on_tensor=lambda t: bar.update(t.source.nbytes if t.source else checkpoint.tensors[t.name].nbytes),
+        )
+        total_size += written
+    bar.close()
+    if len(checkpoint.files) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(directory / "model.safetensors.index.json", index)

@@ -1,0 +1,1 @@
+"""Writing: streamed safetensors shards and atomically published output directories."""
