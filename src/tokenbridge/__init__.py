@@ -4,7 +4,7 @@ from .errors import TokenbridgeError
 from .init import available_methods
 from .load.gguf import convert_gguf as convert
 from .report import TransplantReport
-from .transplant import transplant
+from .pipeline import transplant
 
 __version__ = "0.1.0"
 __all__ = ["TokenbridgeError", "TransplantReport", "available_methods", "convert", "transplant", "__version__"]

@@ -28,7 +28,7 @@ def _options(pairs: list[str]) -> dict:
 
 def cmd_transplant(args) -> int:
     from .load.packaged import resolve
-    from .transplant import transplant
+    from .pipeline import transplant
 
     out, report = transplant(
         resolve(args.source), resolve(args.target), args.out, method=args.method, options=_options(args.option),
@@ -59,6 +59,41 @@ def cmd_convert(args) -> int:
         print(json.dumps({"out": str(out)}))
     else:
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Greedy (or sampled) continuation of a prompt with a model directory; for quick checks."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(args.model)
+    if not (directory / "config.json").is_file():
+        raise TokenbridgeError(f"{directory}: not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise TokenbridgeError(f"{directory}: the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=args.temperature if args.temperature > 0 else None,
+                                top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    new = output[0, inputs["input_ids"].shape[1]:]
+    continuation = tokenizer.decode(new, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "continuation": continuation, "tokens": new.tolist()},
+                         ensure_ascii=False))
+    else:
+        print(f"{args.prompt}\033[1m{continuation}\033[0m" if sys.stdout.isatty() else args.prompt + continuation)
     return 0
 
 
@@ -95,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (pytorch_model.bin)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=cmd_transplant)
 
     p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
@@ -103,8 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model directory (a quick check)")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("methods", help="list initialisation methods")
     p.add_argument("--json", action="store_true")

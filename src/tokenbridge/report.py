@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPORT_NAME = "tokenbridge.json"
@@ -53,8 +53,11 @@ class TransplantReport:
 
     def to_dict(self, with_timings: bool = True) -> dict:
         data = {"format": FORMAT}
-        data.update(asdict(self))
+        data.update({f.name: getattr(self, f.name) for f in fields(self)})
+        data["options"] = dict(self.options)
+        data["specials"] = [vars(s).copy() for s in self.specials]
         data["copied"] = [list(pair) for pair in self.copied]
+        data["initialised"] = {matrix: [vars(row).copy() for row in rows] for matrix, rows in self.initialised.items()}
         if not with_timings:
             data.pop("seconds")
             data.pop("peak_rss_mb")

@@ -14,7 +14,7 @@ def random_rows(source: torch.Tensor, count: int, generator: torch.Generator, st
     mean = source.mean(dim=0)
     std = source.std(dim=0) * std_scale
     noise = torch.randn((count, source.shape[1]), generator=generator, dtype=torch.float32)
-    return mean + noise * std
+    return noise.mul_(std).add_(mean)
 
 
 @dataclass

