@@ -266,3 +266,51 @@ def test_multi_shard_checkpoint(tok_dirs, tmp_path):
     self_out, _ = transplant(sharded, sharded, tmp_path / "self", progress=False)
     before, after = read_tensors(sharded), read_tensors(self_out)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_generation_config_eos_list_maps_by_role_and_chat_role(models_dir, tok_dirs, tmp_path):
+    source = models_dir["llama"]
+    copy = tmp_path / "source"
+    import shutil
+
+    shutil.copytree(source, copy)
+    source_tok = AutoTokenizer.from_pretrained(str(copy))
+    eos = [source_tok.convert_tokens_to_ids("<|im_end|>"), source_tok.convert_tokens_to_ids("<|endoftext|>")]
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": 1}))
+    out, _ = transplant(copy, tok_dirs["metaspace"], tmp_path / "out", progress=False)
+    target = AutoTokenizer.from_pretrained(str(out))
+    generation = json.loads((out / "generation_config.json").read_text())
+    # <eos> (the target's own), then <end_of_turn> (chat role of <|im_end|>); not <pad>, which shares a row.
+    assert generation["eos_token_id"] == [target.eos_token_id, target.convert_tokens_to_ids("<end_of_turn>")]
+    assert generation["bos_token_id"] == target.bos_token_id
+
+
+def test_padded_vocabulary_is_kept(tok_dirs, tmp_path):
+    """A source padded to a multiple of 64 rows keeps that habit; self-transplant stays bit-exact."""
+    from conftest import make_model
+    from transformers import AutoModelForCausalLM
+
+    unpadded = make_model(tmp_path / "base", "llama", tok_dirs["byte_level"])
+    model = AutoModelForCausalLM.from_pretrained(str(unpadded))
+    size = len(AutoTokenizer.from_pretrained(str(unpadded)))
+    padded_rows = -(-size // 64) * 64
+    assert padded_rows > size
+    model.resize_token_embeddings(padded_rows)
+    padded = tmp_path / "padded"
+    model.save_pretrained(str(padded))
+    AutoTokenizer.from_pretrained(str(unpadded)).save_pretrained(str(padded))
+    out, report = transplant(padded, padded, tmp_path / "self", progress=False)
+    before, after = read_tensors(padded), read_tensors(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    out2, report2 = transplant(padded, tok_dirs["metaspace"], tmp_path / "cross", progress=False)
+    rows = read_tensors(out2)["model.embed_tokens.weight"].shape[0]
+    assert rows % 64 == 0 and rows >= report2.target_vocab_size
+    assert report2.counts["padding"] == rows - report2.target_vocab_size
+    assert json.loads((out2 / "config.json").read_text())["vocab_size"] == rows
+
+
+def test_gemma_embed_scale_is_recorded(models_dir, tok_dirs, tmp_path):
+    _, report = transplant(models_dir["gemma3"], tok_dirs["byte_level"], tmp_path / "out", progress=False)
+    assert report.embed_scale == pytest.approx(48 ** 0.5)
+    _, report = transplant(models_dir["llama"], tok_dirs["metaspace"], tmp_path / "out2", progress=False)
+    assert report.embed_scale == 1.0

@@ -170,7 +170,7 @@ class _Builder:
         return out
 
 
-def _special_ids(tokenizer, alignment: Alignment) -> dict[str, int]:
+def _special_ids(tokenizer) -> dict[str, int]:
     ids = {}
     for role in ROLES:
         token_id = getattr(tokenizer, f"{role}_token_id", None)
@@ -179,34 +179,37 @@ def _special_ids(tokenizer, alignment: Alignment) -> dict[str, int]:
     return ids
 
 
-def _map_ids(value, reverse: dict[int, list[int]], fallback: int | None):
-    """Map source token id(s) in a config to target ids through the special-token matches."""
+def _map_ids(value, role: str, alignment: Alignment, fallback: int | None):
+    """Map the source id(s) of a config's ``<role>_token_id`` to target ids.
+
+    A source id maps to the target specials matched to it by content, by this same role, or by chat
+    role (so a source eos ``<|im_end|>`` brings ``<end_of_turn>`` but not a pad that shares its row).
+    The target tokenizer's own token for the role comes first.
+    """
+    def targets(source_id):
+        return [m.target_id for m in alignment.matches if m.source_id == source_id and (
+            m.how in ("special:content", f"special:role:{role}") or m.how.startswith("special:chat:"))]
+
     if isinstance(value, list):
-        mapped = []
+        mapped = [] if fallback is None else [fallback]
         for item in value:
-            for target in reverse.get(item, []):
+            for target in targets(item):
                 if target not in mapped:
                     mapped.append(target)
-        if fallback is not None and fallback not in mapped:
-            mapped.insert(0, fallback)
         return mapped
     if fallback is not None:
         return fallback
-    targets = reverse.get(value, []) if isinstance(value, int) else []
-    return targets[0] if targets else None
+    found = targets(value) if isinstance(value, int) else []
+    return found[0] if found else None
 
 
 def _update_special_ids(config: dict, target_ids: dict[str, int], alignment: Alignment) -> dict:
     """Set ``<role>_token_id`` keys from the target tokenizer; lists (several eos) keep their mapped members."""
-    reverse: dict[int, list[int]] = {}
-    for match in alignment.matches:
-        if match.how.startswith("special:"):
-            reverse.setdefault(match.source_id, []).append(match.target_id)
     updated = dict(config)
     for role in ROLES:
         key = f"{role}_token_id"
         if key in updated:
-            updated[key] = _map_ids(updated[key], reverse, target_ids.get(role))
+            updated[key] = _map_ids(updated[key], role, alignment, target_ids.get(role))
     return updated
 
 
@@ -270,7 +273,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
 
     new_config = dict(checkpoint.config)
     set_dotted(new_config, spec.vocab_key, rows_out)
-    target_special_ids = _special_ids(target_tok, alignment)
+    target_special_ids = _special_ids(target_tok)
     new_config = _update_special_ids(new_config, target_special_ids, alignment)
 
     specials = [
