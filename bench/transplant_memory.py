@@ -144,7 +144,7 @@ def machine() -> dict:
 def benchmark(repeat: int) -> dict:
     """Warm the caches, then time every job; return rows, context sizes and machine info."""
     dirs = warm_caches()
-    load_before = os.getloadavg()
+    code, load_before = git_state(), os.getloadavg()
     rows = [measure("python imports only", "-", [sys.executable, "-c", IMPORTS], repeat)]
     sizes = {}
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
@@ -159,7 +159,7 @@ def benchmark(repeat: int) -> dict:
             sizes[f"{source} (source)"] = vocab_sizes(dirs[source])
             sizes[f"{source} -> {target} tokenizer (output)"] = vocab_sizes(out)
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": shlex.join(["python", *sys.argv]), "repeat": repeat, "code": git_state(),
+            "command": shlex.join(["python", *sys.argv]), "repeat": repeat, "code": code,
             "model_dirs": {k: str(v) for k, v in dirs.items()},
             "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
             "rows": rows, "sizes": sizes}

@@ -31,6 +31,9 @@ from .write.output_dir import check_output, staged_output
 from .write.safetensors_stream import OutTensor, write_safetensors
 
 
+METHOD_CHUNK = 16384  # new tokens handed to a method at a time
+
+
 @dataclass
 class VocabTensors:
     """Checkpoint names of the vocabulary-sized tensors present in one source."""
@@ -123,7 +126,7 @@ class _Builder:
         offset = int.from_bytes(hashlib.sha256(matrix.encode()).digest()[:4], "little")
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
-    def build(self, stored: torch.Tensor, matrix: str) -> tuple[torch.Tensor, list[RowProvenance], "object"]:
+    def build(self, stored: torch.Tensor, matrix: str) -> tuple[torch.Tensor, list[RowProvenance]]:
         """``stored [V_rows, d]`` (source dtype) -> ``[rows_out, d]`` in the same dtype, plus provenance."""
         source_vocab = len(self.alignment.source)
         work = stored[:source_vocab].float()
@@ -131,17 +134,25 @@ class _Builder:
         out[self.target_ids] = stored[self.source_ids]
         target = self.alignment.target
         new_tokens = [target.tokens[i] for i in self.alignment.new]
-        inputs = MethodInputs(work, matrix, new_tokens, self.alignment.source, self.encoder,
-                              self.generator(matrix), self.embed_scale, self.progress)
-        result = self.method.fn(inputs, self.config)
-        if result.rows.shape != (len(new_tokens), stored.shape[1]):
-            raise AssertionError(f"method {self.method.name} returned rows of shape {tuple(result.rows.shape)}")
+        generator = self.generator(matrix)
         provenance = []
-        if new_tokens:
-            out[torch.tensor(self.alignment.new)] = result.rows.to(stored.dtype)
-            for info, ids, weights, fell in zip(new_tokens, result.source_ids, result.weights, result.fallback):
+        bar = tqdm(total=len(new_tokens), desc=f"{self.method.name} ({matrix})", unit="tok", mininterval=1.0,
+                   disable=not self.progress or not new_tokens)
+        # Methods treat each token on its own; chunks bound the memory of their intermediate rows.
+        for begin in range(0, len(new_tokens), METHOD_CHUNK):
+            chunk = new_tokens[begin:begin + METHOD_CHUNK]
+            inputs = MethodInputs(work, matrix, chunk, self.alignment.source, self.encoder, generator,
+                                  self.embed_scale)
+            result = self.method.fn(inputs, self.config)
+            if result.rows.shape != (len(chunk), stored.shape[1]):
+                raise AssertionError(f"method {self.method.name} returned rows of shape {tuple(result.rows.shape)}")
+            out[torch.tensor([t.id for t in chunk])] = result.rows.to(stored.dtype)
+            for info, ids, weights, fell in zip(chunk, result.source_ids, result.weights, result.fallback):
                 how = "fallback:mean" if fell else self.method.name
                 provenance.append(RowProvenance(info.id, info.token, how, list(ids), [round(w, 6) for w in weights]))
+            del result
+            bar.update(len(chunk))
+        bar.close()
         mean = work.mean(dim=0).to(stored.dtype)
         for index in self.alignment.unmatched_special:
             out[index] = mean
@@ -154,7 +165,7 @@ class _Builder:
                 out[index] = mean
                 provenance.append(RowProvenance(index, "", "padding"))
         provenance.sort(key=lambda p: p.target_id)
-        return out, provenance, result
+        return out, provenance
 
     def bias(self, stored: torch.Tensor, provenance: list[RowProvenance]) -> torch.Tensor:
         """A vocabulary bias: copied rows copied, new rows combined with the rows' own weights."""
@@ -255,7 +266,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     embed_scale = spec.scale(checkpoint.config)
     builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress)
 
-    new_input, input_provenance, input_result = builder.build(stored_input, "input")
+    new_input, input_provenance = builder.build(stored_input, "input")
     del stored_input
     replacements: dict[str, torch.Tensor] = {name: new_input for name in names.input}
     initialised = {"input": input_provenance}
@@ -264,7 +275,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
         if tied:
             new_output = new_input
         else:
-            new_output, output_provenance, _ = builder.build(checkpoint.read(names.output[0]), "output")
+            new_output, output_provenance = builder.build(checkpoint.read(names.output[0]), "output")
             initialised["output"] = output_provenance
         replacements.update({name: new_output for name in names.output})
     if names.output_bias:
@@ -320,7 +331,7 @@ def _write_shards(checkpoint: Checkpoint, replacements: dict[str, torch.Tensor],
     weight_map: dict[str, str] = {}
     total_size = 0
     for path in checkpoint.files:
-        name = path.name if len(checkpoint.files) > 1 else "model.safetensors"
+        name = path.name if checkpoint.indexed else "model.safetensors"
         tensors = []
         for entry in checkpoint.tensors_in(path):
             if entry.name in replacements:
@@ -335,6 +346,6 @@ def _write_shards(checkpoint: Checkpoint, replacements: dict[str, torch.Tensor],
         )
         total_size += written
     bar.close()
-    if len(checkpoint.files) > 1:
+    if checkpoint.indexed:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(directory / "model.safetensors.index.json", index)

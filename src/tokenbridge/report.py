@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 REPORT_NAME = "tokenbridge.json"
 FORMAT = "tokenbridge-transplant/1"
 
 
-@dataclass
+@dataclass(slots=True)
 class RowProvenance:
     """Where one initialised target row came from."""
 
@@ -21,7 +22,7 @@ class RowProvenance:
     weights: list[float] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class SpecialMatch:
     target_id: int
     token: str
@@ -55,9 +56,9 @@ class TransplantReport:
         data = {"format": FORMAT}
         data.update({f.name: getattr(self, f.name) for f in fields(self)})
         data["options"] = dict(self.options)
-        data["specials"] = [vars(s).copy() for s in self.specials]
+        data["specials"] = [asdict(s) for s in self.specials]
         data["copied"] = [list(pair) for pair in self.copied]
-        data["initialised"] = {matrix: [vars(row).copy() for row in rows] for matrix, rows in self.initialised.items()}
+        data["initialised"] = {matrix: [_row(row) for row in rows] for matrix, rows in self.initialised.items()}
         if not with_timings:
             data.pop("seconds")
             data.pop("peak_rss_mb")
@@ -72,10 +73,29 @@ class TransplantReport:
         return data
 
     def write(self, directory: Path) -> Path:
+        """Write ``tokenbridge.json`` (no timings), streaming the per-row lists."""
         path = Path(directory) / REPORT_NAME
-        text = json.dumps(self.to_dict(with_timings=False), ensure_ascii=False, separators=(",", ":"))
-        path.write_text(text + "\n", encoding="utf-8")
+        dump = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+        head = {"format": FORMAT}
+        head.update({f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in ("copied", "initialised", "seconds", "peak_rss_mb")})
+        head["specials"] = [asdict(s) for s in self.specials]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(dump(head)[:-1])
+            handle.write(',"copied":[' + ",".join(f"[{t},{s}]" for t, s in self.copied) + "]")
+            handle.write(',"initialised":{')
+            for number, (matrix, rows) in enumerate(self.initialised.items()):
+                handle.write(("," if number else "") + dump(matrix) + ":[")
+                for index, row in enumerate(rows):
+                    handle.write(("," if index else "") + dump(_row(row)))
+                handle.write("]")
+            handle.write("}}\n")
         return path
+
+
+def _row(row: RowProvenance) -> dict:
+    return {"target_id": row.target_id, "token": row.token, "how": row.how, "source_ids": row.source_ids,
+            "weights": row.weights}
 
 
 def load_report(directory: Path) -> dict:

@@ -51,7 +51,7 @@ def is_valid_utf8(data: bytes) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenInfo:
     """One vocabulary entry and the exact bytes it stands for."""
 

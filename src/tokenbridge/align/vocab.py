@@ -39,7 +39,7 @@ def special_roles(tokenizer) -> dict[str, str]:
     return roles
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Match:
     """A target row copied from a source row, and why."""
 
@@ -123,7 +123,7 @@ def align(source: Vocabulary, target: Vocabulary, source_tokenizer=None, target_
         chosen = None
         if info.byte_fallback:
             chosen = next((c for c in candidates if c.byte_fallback), None)
-        elif len(target_groups[info.bytes]) > 1:
+        elif sum(not t.byte_fallback for t in target_groups[info.bytes]) > 1:
             if info.bytes not in target_preferred:
                 if target_encoder is None:
                     target_encoder = ByteEncoder(target)

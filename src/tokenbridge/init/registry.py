@@ -31,7 +31,6 @@ class MethodInputs:
     source_encoder: ByteEncoder
     generator: torch.Generator
     embed_scale: float = 1.0  # what the model's embedding module multiplies rows by
-    progress: bool = False  # show a progress bar for slow per-token work
 
 
 @dataclass

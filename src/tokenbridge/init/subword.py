@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .mean import mean_rows
 from .registry import MethodInputs, MethodResult, register
@@ -51,8 +50,7 @@ class SubwordConfig:
 def subword(inputs: MethodInputs, config: SubwordConfig) -> MethodResult:
     first = config.output_first_piece_weight if inputs.matrix == "output" else 1.0
     ids, weights, fallback = [], [], []
-    for info in tqdm(inputs.new_tokens, desc=f"subword ({inputs.matrix})", unit="tok", disable=not inputs.progress or not inputs.new_tokens,
-                     mininterval=1.0):
+    for info in inputs.new_tokens:
         pieces = inputs.source_encoder.encode(info.bytes)
         if not pieces:
             ids.append([])

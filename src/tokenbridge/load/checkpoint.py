@@ -61,6 +61,7 @@ class Checkpoint:
     files: list[Path]
     tensors: dict[str, TensorEntry]
     file_metadata: dict[Path, dict] = field(default_factory=dict)
+    indexed: bool = False  # the source has model.safetensors.index.json (kept in the output)
     _keepalive: object | None = None  # temporary directory of a converted pickle checkpoint
 
     def read(self, name: str) -> torch.Tensor:
@@ -221,4 +222,5 @@ def open_checkpoint(directory: Path, allow_pickle: bool = False) -> Checkpoint:
             tensors[name] = TensorEntry(
                 name, path, info["dtype"], tuple(info["shape"]), data_start + begin, data_start + stop
             )
-    return Checkpoint(directory, config, files, tensors, metadata, keepalive)
+    indexed = (directory / "model.safetensors.index.json").is_file() and keepalive is None
+    return Checkpoint(directory, config, files, tensors, metadata, indexed, keepalive)
