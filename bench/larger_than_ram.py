@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -127,14 +126,17 @@ def main() -> int:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         print(f"synthetic checkpoint: {size / 2**30:.1f} GiB in {build_seconds:.0f} s; RAM {ram / 2**30:.1f} GiB",
               flush=True)
-        command = [sys.executable, "-m", "tokenbridge", "transplant", str(source), str(target_tokenizer), str(out),
-                   "--method", args.method, "--quiet", "--json"]
+        # GNU time reports the child's own peak; ru_maxrss of children would include this process's peak,
+        # which Linux carries over into a forked child.
+        peak_file = args.workdir / "peak_kb"
+        command = ["/usr/bin/time", "-f", "%M", "-o", str(peak_file), sys.executable, "-m", "tokenbridge",
+                   "transplant", str(source), str(target_tokenizer), str(out), "--method", args.method, "--quiet"]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise SystemExit(result.stderr)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak = int(peak_file.read_text().split()[-1]) / 1024
         compared = verify_copied(source, out)
         out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         numbers = {

@@ -42,21 +42,13 @@ print(model.dtype)
 IMPORTS = "import torch, transformers, tokenizers, tokenbridge"
 
 
-def _pipeline():
-    """The module holding ``resolve_source`` and friends (``tokenbridge.transplant``, later ``tokenbridge.pipeline``)."""
-    try:
-        from tokenbridge import pipeline
-    except ImportError:
-        from tokenbridge import transplant as pipeline
-    return pipeline
-
-
 def warm_caches() -> dict[str, Path]:
     """Convert both packaged GGUF models (and extract their tokenizers) once; return the converted dirs."""
     from tokenbridge.load.packaged import resolve
     from tokenbridge.load.tokenizer import tokenizer_dir
 
-    resolve_source = _pipeline().resolve_source
+    from tokenbridge.pipeline import resolve_source
+
     dirs = {}
     for name in MODELS:
         started = time.perf_counter()
@@ -98,7 +90,7 @@ def vocab_sizes(model_dir: Path) -> dict:
     """Float32 sizes (MB) of a checkpoint's vocabulary-sized matrices, its largest other tensor and shard."""
     from tokenbridge.arch import arch_spec
     from tokenbridge.load.checkpoint import open_checkpoint
-    is_tied, locate_vocab_tensors = _pipeline().is_tied, _pipeline().locate_vocab_tensors
+    from tokenbridge.pipeline import is_tied, locate_vocab_tensors
     checkpoint = open_checkpoint(model_dir)
     tied = is_tied(checkpoint)
     names = locate_vocab_tensors(checkpoint, arch_spec(checkpoint.config["model_type"]), tied)

@@ -122,7 +122,7 @@ def tiny_config(family: str, vocab_size: int, tokenizer):
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     common = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160, **ids)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids)
     if family == "llama":
         return LlamaConfig(tie_word_embeddings=True, **common)
     if family == "mistral":
@@ -132,10 +132,10 @@ def tiny_config(family: str, vocab_size: int, tokenizer):
     if family == "gemma3":
         return Gemma3TextConfig(head_dim=12, sliding_window=16, tie_word_embeddings=True, **common)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=48, n_layer=2, n_head=4, n_positions=160, **ids)
+        return GPT2Config(vocab_size=vocab_size, n_embd=48, n_layer=2, n_head=4, n_positions=512, **ids)
     if family == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=96, max_position_embeddings=160, type_vocab_size=2,
+                          intermediate_size=96, max_position_embeddings=512, type_vocab_size=2,
                           pad_token_id=tokenizer.pad_token_id)
     raise ValueError(family)
 

@@ -62,6 +62,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .load.packaged import resolve
+    from .measure.bpb import evaluate, format_result
+
+    result = evaluate(resolve(args.model), [Path(p) for p in args.text], limit=args.bytes, window=args.window,
+                      prefix=args.prefix, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .measure.compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    report = compare(args.source, args.target, methods, [Path(p) for p in args.text], Path(args.out),
+                     limit=args.bytes, window=args.window, seed=args.seed, force=args.force,
+                     keep_models=args.keep_models, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print((Path(args.out) / "report.md").read_text())
+        print(f"wrote {args.out}/report.md, report.json, bpb.png")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Greedy (or sampled) continuation of a prompt with a model directory; for quick checks."""
     from pathlib import Path
@@ -140,6 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="tokenizer-independent bits per byte of a causal LM")
+    p.add_argument("model", help="model directory, .gguf file, or packaged:NAME")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
+    p.add_argument("--window", type=int, default=2048, metavar="W", help="window size in bytes (default 2048)")
+    p.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
+                   help="token prepended to every window (auto: BOS, else EOS)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="transplant with several methods and compare bits per byte")
+    p.add_argument("source", help="model directory, .gguf file, or packaged:NAME")
+    p.add_argument("target", help="target tokenizer (as for transplant)")
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    p.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
+    p.add_argument("--window", type=int, default=2048, metavar="W")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-models", action="store_true", help="keep the transplanted models in REPORT_DIR/models")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory (a quick check)")
     p.add_argument("model")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .errors import TokenbridgeError
 from .init.registry import MethodInputs, get_method, make_config
 from .load.checkpoint import Checkpoint, open_checkpoint
 from .load.tokenizer import load_tokenizer
-from .report import RowProvenance, SpecialMatch, TransplantReport
+from .report import RowProvenance, SpecialMatch, TransplantReport, peak_rss_mb
 from .write.output_dir import check_output, staged_output
 from .write.safetensors_stream import OutTensor, write_safetensors
 
@@ -319,7 +318,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
         target_tok.save_pretrained(str(tmp))
         report.write(tmp)
     report.seconds = round(time.perf_counter() - started, 3)
-    report.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report.peak_rss_mb = peak_rss_mb()
     return out, report
 
 

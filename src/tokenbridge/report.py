@@ -93,6 +93,26 @@ class TransplantReport:
         return path
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    Linux's ``VmHWM`` belongs to the process's own address space; ``ru_maxrss`` is used elsewhere, but on
+    Linux it also counts the peak of the parent the process was forked from.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 / (1024 * 1024) if sys.platform == "darwin" else 1 / 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+
+
 def _row(row: RowProvenance) -> dict:
     return {"target_id": row.target_id, "token": row.token, "how": row.how, "source_ids": row.source_ids,
             "weights": row.weights}

@@ -1,0 +1,1 @@
+"""Measurement: bits per byte, tokenizer statistics, comparison reports."""

@@ -1,0 +1,236 @@
+"""Tokenizer-independent bits per byte.
+
+The text is cut into windows of at most ``window`` UTF-8 bytes, on character
+boundaries, before any tokenizer sees it, so every model is scored over exactly
+the same bytes whatever its vocabulary.  Each window is tokenized by the model's
+own tokenizer (special-token strings in the text count as text) and one prefix
+token is prepended: the tokenizer's BOS, or its EOS where it has no BOS (GPT-2
+style), the same rule for every model.  Every token of the window is then
+predicted, the first one from the prefix alone, so the negative log-likelihood
+covers all of the window's bytes:
+
+    bits per byte = sum over windows of NLL(window tokens | prefix) / ln 2  /  total UTF-8 bytes
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import TokenbridgeError
+
+DEFAULT_WINDOW = 2048
+LOGITS_BUDGET = 1 << 28  # float32 logits elements per batch (1 GiB)
+
+
+def cut_text(data: bytes, limit: int | None) -> bytes:
+    """The first ``limit`` bytes of ``data``, moved back to a UTF-8 character boundary."""
+    if limit is None or limit >= len(data):
+        return data
+    end = limit
+    while end > 0 and (data[end] & 0xC0) == 0x80:
+        end -= 1
+    return data[:end]
+
+
+def byte_windows(data: bytes, size: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``data`` in order, each at most ``size`` bytes, on character boundaries."""
+    if size < 4:
+        raise TokenbridgeError("the window must be at least 4 bytes (one UTF-8 character)")
+    windows = []
+    start = 0
+    while start < len(data):
+        end = min(start + size, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        windows.append((start, end))
+        start = end
+    return windows
+
+
+def prefix_token(tokenizer, rule: str = "auto") -> tuple[int, str]:
+    """The token prepended to every window: ``auto`` = BOS, else EOS; or ``bos``/``eos`` explicitly."""
+    candidates = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    if rule == "auto":
+        order = ["bos", "eos"]
+    elif rule in candidates:
+        order = [rule]
+    else:
+        raise TokenbridgeError(f"unknown prefix rule {rule!r} (auto, bos or eos)")
+    for name in order:
+        if candidates[name] is not None:
+            index = int(candidates[name])
+            return index, f"{tokenizer.convert_ids_to_tokens(index)} (id {index}, the tokenizer's {name})"
+    raise TokenbridgeError("the tokenizer has no BOS or EOS token to condition the first token of a window on")
+
+
+@dataclass
+class FileScore:
+    """Bits per byte of one file."""
+
+    file: str
+    bytes: int
+    tokens: int
+    windows: int
+    bits: float
+    seconds: float
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.bits / self.bytes if self.bytes else float("nan")
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(bits_per_byte=self.bits_per_byte, bytes_per_token=self.bytes_per_token,
+                    tokens_per_second=self.tokens_per_second)
+        return data
+
+
+@dataclass
+class EvalResult:
+    model: str
+    prefix: str
+    window_bytes: int
+    files: list[FileScore] = field(default_factory=list)
+
+    @property
+    def bits_per_byte(self) -> float:
+        total = sum(f.bytes for f in self.files)
+        return sum(f.bits for f in self.files) / total if total else float("nan")
+
+    def by_file(self) -> dict[str, FileScore]:
+        return {f.file: f for f in self.files}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "prefix": self.prefix, "window_bytes": self.window_bytes,
+                "bits_per_byte": self.bits_per_byte, "files": [f.to_dict() for f in self.files]}
+
+
+class Scorer:
+    """Scores windows of text with one causal LM and its tokenizer."""
+
+    def __init__(self, model, tokenizer, prefix: str = "auto", logits_budget: int = LOGITS_BUDGET):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prefix_id, self.prefix = prefix_token(tokenizer, prefix)
+        self.logits_budget = logits_budget
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.context = getattr(model.config, "max_position_embeddings", None)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [[self.prefix_id] + list(ids) for ids in encoded]
+
+    def nll(self, sequences: list[list[int]]) -> list[float]:
+        """Sum of ``-ln p(token | previous)`` over every token after the prefix, per sequence (nats)."""
+        longest = max(len(s) for s in sequences)
+        if self.context is not None and longest > self.context:
+            raise TokenbridgeError(
+                f"a window is {longest} tokens, more than the model's context of {self.context}; use a smaller --window"
+            )
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        result = [0.0] * len(sequences)
+        position = 0
+        while position < len(order):
+            length = len(sequences[order[position]])
+            batch = max(1, self.logits_budget // (length * self.vocab))
+            members = order[position:position + batch]
+            position += len(members)
+            ids = torch.full((len(members), length), self.prefix_id, dtype=torch.long)
+            mask = torch.zeros((len(members), length), dtype=torch.long)
+            for row, index in enumerate(members):
+                sequence = sequences[index]
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                mask[row, : len(sequence)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                losses = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+                ).view(len(members), -1)
+                losses = (losses * mask[:, 1:]).double().sum(dim=1)
+            for row, index in enumerate(members):
+                result[index] = float(losses[row])
+        return result
+
+    def score_file(self, name: str, data: bytes, window: int) -> FileScore:
+        spans = byte_windows(data, window)
+        texts = [data[a:b].decode("utf-8") for a, b in spans]
+        started = time.perf_counter()
+        sequences = self.encode(texts)
+        nats = self.nll(sequences) if sequences else []
+        seconds = time.perf_counter() - started
+        tokens = sum(len(s) - 1 for s in sequences)
+        return FileScore(name, len(data), tokens, len(spans), sum(nats) / math.log(2), seconds)
+
+
+def read_texts(paths: list[Path], limit: int | None) -> dict[str, bytes]:
+    texts = {}
+    for path in paths:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise TokenbridgeError(f"{path}: cannot read ({error.strerror})") from None
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TokenbridgeError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        if not data:
+            raise TokenbridgeError(f"{path}: empty file")
+        texts[str(path)] = cut_text(data, limit)
+    return texts
+
+
+def load_causal_lm(path):
+    """A model directory (or .gguf, converted and cached) as (model, tokenizer), float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from ..load.tokenizer import load_tokenizer
+    from ..pipeline import resolve_source
+
+    directory = resolve_source(Path(path))
+    if not (directory / "config.json").is_file():
+        raise TokenbridgeError(f"{path}: not a model directory (no config.json)")
+    tokenizer = load_tokenizer(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001 - any load failure is a bad model directory
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TokenbridgeError(f"{path}: transformers cannot load it as a causal LM ({message})") from None
+    return model.eval(), tokenizer
+
+
+def evaluate(model_path, text_paths: list[Path], limit: int | None = None, window: int = DEFAULT_WINDOW,
+             prefix: str = "auto", progress: bool = True, model=None, tokenizer=None) -> EvalResult:
+    """Bits per byte of a causal LM on each file (the first ``limit`` bytes of each)."""
+    texts = read_texts(text_paths, limit)
+    if model is None:
+        model, tokenizer = load_causal_lm(model_path)
+    scorer = Scorer(model, tokenizer, prefix)
+    result = EvalResult(str(model_path), scorer.prefix, window)
+    for name, data in tqdm(texts.items(), desc="scoring", unit="file", disable=not progress):
+        result.files.append(scorer.score_file(name, data, window))
+    return result
+
+
+def format_result(result: EvalResult) -> str:
+    lines = [f"{result.model}: {result.bits_per_byte:.4f} bits per byte",
+             f"  windows of at most {result.window_bytes} bytes; prepended {result.prefix} to every window",
+             f"  {'file':40s} {'bytes':>8s} {'tokens':>7s} {'bytes/tok':>9s} {'BPB':>7s} {'tok/s':>7s}"]
+    for f in result.files:
+        lines.append(f"  {Path(f.file).name:40s} {f.bytes:8d} {f.tokens:7d} {f.bytes_per_token:9.3f} "
+                     f"{f.bits_per_byte:7.4f} {f.tokens_per_second:7.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Bits per byte: windows, prefix rule, and agreement with a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import corpus
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokenbridge.errors import TokenbridgeError
+from tokenbridge.measure.bpb import Scorer, byte_windows, cut_text, evaluate
+
+
+@given(st.text(max_size=300), st.integers(min_value=4, max_value=64))
+@settings(max_examples=200, deadline=None)
+def test_windows_cover_the_text_on_character_boundaries(text, size):
+    data = text.encode("utf-8")
+    windows = byte_windows(data, size)
+    assert b"".join(data[a:b] for a, b in windows) == data
+    for a, b in windows:
+        assert 0 < b - a <= size
+        data[a:b].decode("utf-8")  # every window is whole characters
+
+
+def test_cut_text_keeps_whole_characters():
+    data = "aé日本".encode("utf-8")
+    assert cut_text(data, 4) == "aé".encode("utf-8")
+    assert cut_text(data, 100) == data
+
+
+def write_text(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_bits_per_byte_equals_a_hand_computation(models_dir, tmp_path):
+    """One window per file: BPB is the summed -log2 p of the tokens after BOS over the file's bytes."""
+    directory = models_dir["llama"]
+    text = corpus("en", 3000, 700)
+    path = write_text(tmp_path, "a.txt", text)
+    result = evaluate(directory, [path], window=4096, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    bits = -sum(float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1)) / math.log(2)
+    score = result.files[0]
+    assert score.tokens == len(ids) - 1 and score.bytes == len(text.encode("utf-8"))
+    assert score.bits == pytest.approx(bits, rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(bits / len(text.encode("utf-8")), rel=1e-5)
+    assert "<|im_start|>" in result.prefix
+
+
+def test_batched_windows_match_one_at_a_time(models_dir):
+    """Padding and batching do not change a window's score."""
+    directory = models_dir["qwen2"]
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory))
+    scorer = Scorer(model, tokenizer)
+    texts = [corpus("en", 100 * i, 50 + 40 * i) for i in range(6)]
+    sequences = scorer.encode(texts)
+    batched = scorer.nll(sequences)
+    scorer.logits_budget = 1  # one window per forward pass
+    single = scorer.nll(sequences)
+    assert batched == pytest.approx(single, rel=1e-5)
+
+
+def test_two_tokenizers_score_exactly_the_same_bytes(models_dir, tmp_path):
+    """Models with different vocabularies are scored over the same byte windows."""
+    text = corpus("de", 0, 5000)
+    path = write_text(tmp_path, "de.txt", text)
+    byte_level = evaluate(models_dir["llama"], [path], window=512, progress=False)
+    metaspace = evaluate(models_dir["gemma3"], [path], window=512, progress=False)
+    a, b = byte_level.files[0], metaspace.files[0]
+    assert a.bytes == b.bytes == len(text.encode("utf-8")) and a.windows == b.windows
+    assert a.tokens != b.tokens
+    for directory in (models_dir["llama"], models_dir["gemma3"]):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        scorer = Scorer(AutoModelForCausalLM.from_pretrained(str(directory)), tokenizer)
+        data = text.encode("utf-8")
+        windows = [data[s:e].decode("utf-8") for s, e in byte_windows(data, 512)]
+        decoded = [tokenizer.decode(ids[1:]) for ids in scorer.encode(windows)]
+        assert "".join(decoded) == text
+
+
+def test_prefix_falls_back_to_eos(models_dir, tmp_path):
+    from tokenbridge.measure.bpb import prefix_token
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models_dir["gpt2"]))
+    tokenizer.bos_token = None
+    index, description = prefix_token(tokenizer)
+    assert index == tokenizer.eos_token_id and "eos" in description
+    tokenizer.eos_token = None
+    with pytest.raises(TokenbridgeError, match="no BOS or EOS"):
+        prefix_token(tokenizer)
+
+
+def test_window_longer_than_the_context_is_a_clear_error(models_dir, tmp_path):
+    path = write_text(tmp_path, "long.txt", corpus("en", 0, 4000))
+    with pytest.raises(TokenbridgeError, match="more than the model's context"):
+        evaluate(models_dir["llama"], [path], window=4000, progress=False)
+
+
+def test_bad_text_files(models_dir, tmp_path, capsys):
+    from tokenbridge.cli import main
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["eval", str(models_dir["llama"]), "--text", str(tmp_path / "latin1.txt")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["eval", str(models_dir["llama"]), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_eval_cli_json(models_dir, tmp_path, capsys):
+    import json
+
+    from tokenbridge.cli import main
+
+    path = write_text(tmp_path, "en.txt", corpus("en", 0, 3000))
+    assert main(["eval", str(models_dir["llama"]), "--text", str(path), "--bytes", "1000", "--window", "300",
+                 "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["files"][0]["bytes"] <= 1000 and data["files"][0]["windows"] >= 4
+    assert data["bits_per_byte"] > 0
