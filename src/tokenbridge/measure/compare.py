@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,16 +35,48 @@ class MethodRun:
 
 def run_transplant(source: Path, target: Path, out: Path, method: str, seed: int,
                    options: dict | None = None) -> dict:
-    """``tokenbridge transplant`` in a fresh process; returns its JSON report summary."""
+    """``tokenbridge transplant`` in a fresh process; returns its JSON report summary.
+
+    ``seconds`` is replaced by the process's wall time (interpreter start and imports included), so that
+    it compares with other tools timed from outside; ``peak_rss_mb`` is the process's own peak.
+    """
     command = [sys.executable, "-m", "tokenbridge", "transplant", str(source), str(target), str(out),
                "--method", method, "--seed", str(seed), "--quiet", "--json", "--force"]
     for key, value in (options or {}).items():
         command += ["-o", f"{key}={value}"]
+    started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
     if completed.returncode != 0:
         lines = completed.stderr.strip().splitlines()
         raise TokenbridgeError(f"method {method}: transplant failed: {lines[-1] if lines else completed.returncode}")
-    return json.loads(completed.stdout)
+    summary = json.loads(completed.stdout)
+    summary["seconds"] = round(wall, 2)
+    return summary
+
+
+def run_methods(source_dir: Path, target: Path, methods: list[str], text_paths: list[Path], models_dir: Path,
+                limit: int | None = None, window: int = DEFAULT_WINDOW, seed: int = 0, keep_models: bool = False,
+                options: dict[str, dict] | None = None, progress: bool = True) -> list[MethodRun]:
+    """Score the original, then transplant with each method (own process) and score the result."""
+    runs = [MethodRun(ORIGINAL, None, None, evaluate(source_dir, text_paths, limit, window, progress=progress))]
+    for method in methods:
+        model_dir = models_dir / method
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        summary = run_transplant(source_dir, target, model_dir, method, seed, (options or {}).get(method))
+        result = evaluate(model_dir, text_paths, limit, window, progress=progress)
+        runs.append(MethodRun(method, summary["seconds"], summary["peak_rss_mb"], result, summary["counts"]))
+        if not keep_models:
+            shutil.rmtree(model_dir)
+    if not keep_models and models_dir.exists() and not any(models_dir.iterdir()):
+        models_dir.rmdir()
+    return runs
+
+
+def write_report(directory: Path, report: dict) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(report_markdown(report))
+    plot_bpb(report, directory / "bpb.png")
 
 
 def compare(source, target_tokenizer, methods: list[str], text_paths: list[Path], out, limit: int | None = None,
@@ -61,24 +94,11 @@ def compare(source, target_tokenizer, methods: list[str], text_paths: list[Path]
         get_method(method)
     check_output(out, force, protected=[source, target])
     source_dir = resolve_source(source)
-    runs: list[MethodRun] = []
     with staged_output(out, force) as tmp:
-        original = evaluate(source_dir, text_paths, limit, window, progress=progress)
-        runs.append(MethodRun(ORIGINAL, None, None, original))
-        for method in methods:
-            model_dir = tmp / "models" / method
-            model_dir.parent.mkdir(exist_ok=True)
-            summary = run_transplant(source_dir, target, model_dir, method, seed, (options or {}).get(method))
-            result = evaluate(model_dir, text_paths, limit, window, progress=progress)
-            runs.append(MethodRun(method, summary["seconds"], summary["peak_rss_mb"], result, summary["counts"]))
-            if not keep_models:
-                shutil.rmtree(model_dir)
-        if not keep_models and (tmp / "models").exists():
-            (tmp / "models").rmdir()
+        runs = run_methods(source_dir, target, methods, text_paths, tmp / "models", limit, window, seed,
+                           keep_models, options, progress)
         report = report_dict(str(source), str(target), runs, window, limit, seed)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(report_markdown(report))
-        plot_bpb(report, tmp / "bpb.png")
+        write_report(tmp, report)
     return report
 
 
