@@ -74,6 +74,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tokstats(args) -> int:
+    from pathlib import Path
+
+    from .measure.tokstats import format_tokstats, run_tokstats
+
+    result = run_tokstats(args.tokenizers, [Path(p) for p in args.text],
+                          reference=Path(args.reference) if args.reference else None,
+                          plot=Path(args.plot) if args.plot else None)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_tokstats(result))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from pathlib import Path
 
@@ -181,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tokstats", help="tokenizer statistics: compression, fertility, token premium, overlap")
+    p.add_argument("tokenizers", nargs="+", metavar="TOKENIZER", help="tokenizer paths, .gguf files or packaged:NAME")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files (parallel for premiums)")
+    p.add_argument("--reference", metavar="FILE", help="one of the text files: token premiums relative to it")
+    p.add_argument("--plot", metavar="PNG", help="bar chart of the premiums per language and tokenizer")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_tokstats)
 
     p = sub.add_parser("compare", help="transplant with several methods and compare bits per byte")
     p.add_argument("source", help="model directory, .gguf file, or packaged:NAME")

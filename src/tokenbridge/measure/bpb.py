@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TokenbridgeError
+from .texts import read_text
 
 DEFAULT_WINDOW = 2048
 LOGITS_BUDGET = 1 << 28  # float32 logits elements per batch (1 GiB)
@@ -177,21 +178,8 @@ class Scorer:
 
 
 def read_texts(paths: list[Path], limit: int | None) -> dict[str, bytes]:
-    texts = {}
-    for path in paths:
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise TokenbridgeError(f"{path}: cannot read ({error.strerror})") from None
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise TokenbridgeError(f"{path}: not UTF-8 text (byte {error.start})") from None
-        if not data:
-            raise TokenbridgeError(f"{path}: empty file")
-        texts[str(path)] = cut_text(data, limit)
-    return texts
+    """``{path: the first limit bytes of the file}`` for UTF-8 text files."""
+    return {str(path): cut_text(read_text(Path(path)).encode("utf-8"), limit) for path in paths}
 
 
 def load_causal_lm(path):
