@@ -14,7 +14,7 @@ directories with its `omp` method (k=64, the default) and its `subword` method, 
 A run that hits the cap is recorded with the progress it reached and its rate.
 
     python bench/transplant.py [--pairs 1,2,3] [--bytes 8000] [--cap 900] [--mergekit /work/mergekit-venv]
-                               [--workdir /work/bench-transplant] [--json out.json] [--md out.md]
+                               [--workdir /work/bench-transplant] [--reuse] [--json out.json] [--md out.md]
 """
 
 from __future__ import annotations
@@ -111,14 +111,19 @@ def run_mergekit(venv: Path, model: Path, donor: Path, out: Path, method: str, c
         try:
             code = process.wait(timeout=cap)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            import psutil
+
+            # Kill mergekit but not GNU time, which then still writes the peak memory it saw.
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
             process.wait()
             code = None
     wall = time.perf_counter() - started
     text = log_file.read_text(errors="replace")
     row = {"command": " ".join(command[5:]), "wall_s": round(wall, 1), "finished": code == 0, "cap_s": cap}
-    if peak_file.is_file() and peak_file.read_text().strip().split()[-1].isdigit():
-        row["peak_rss_mb"] = round(int(peak_file.read_text().split()[-1]) / 1024, 1)
+    peak = peak_file.read_text().split() if peak_file.is_file() else []
+    if peak and peak[-1].isdigit():
+        row["peak_rss_mb"] = round(int(peak[-1]) / 1024, 1)
     bars = re.findall(r"Approximating tokens:\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+) \[([0-9:]+)<", text)
     if bars:
         percent, done, total, elapsed = bars[-1]
@@ -147,6 +152,9 @@ def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) 
     source_dir, target_dir = dirs[pair.source], dirs[pair.target]
     methods = [m for m in available_methods() if m in args.methods] if args.methods else list(available_methods())
     pair_dir = workdir / f"pair{pair.number}"
+    if args.reuse and (pair_dir / "report.json").is_file():
+        print(f"pair {pair.number}: reusing {pair_dir / 'report.json'}", file=sys.stderr, flush=True)
+        return json.loads((pair_dir / "report.json").read_text())
     if pair_dir.exists():
         shutil.rmtree(pair_dir)
     pair_dir.mkdir(parents=True)
@@ -202,6 +210,7 @@ def main() -> int:
     parser.add_argument("--cap", type=float, default=900, help="wall-time cap for each mergekit run, seconds")
     parser.add_argument("--mergekit", default="/work/mergekit-venv", help="venv with mergekit; '' to skip the peer")
     parser.add_argument("--workdir", type=Path, default=Path("/work/bench-transplant"))
+    parser.add_argument("--reuse", action="store_true", help="keep pairs whose report.json is already in --workdir")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path, help="write the Markdown section here")
     args = parser.parse_args()

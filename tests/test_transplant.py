@@ -314,3 +314,40 @@ def test_gemma_embed_scale_is_recorded(models_dir, tok_dirs, tmp_path):
     assert report.embed_scale == pytest.approx(48 ** 0.5)
     _, report = transplant(models_dir["llama"], tok_dirs["metaspace"], tmp_path / "out2", progress=False)
     assert report.embed_scale == 1.0
+
+
+def test_unigram_with_byte_fallback(tmp_path):
+    """SentencePiece Unigram (T5 / XLM-R style) with <0xNN> byte fallback: bytes, encoder and self-transplant."""
+    from conftest import lines, make_model, save_tokenizer, wrap
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    trainer_tok = Tokenizer(models.Unigram())
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    trainer_tok.train_from_iterator(lines(corpus("en")), trainer)
+    pieces = [(p, s) for p, s in json.loads(trainer_tok.to_str())["model"]["vocab"]]
+    fallback = [(f"<0x{b:02X}>", 0.0) for b in range(256)]
+    vocab = pieces[:3] + fallback + pieces[3:]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    directory = save_tokenizer(wrap(tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"), tmp_path / "uni")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    vocab_view = vocabulary(tokenizer)
+    assert vocab_view.family == "metaspace" and vocab_view.byte_fallback
+    assert sum(t.byte_fallback for t in vocab_view.tokens) == 256
+    from tokenbridge.align.encode import ByteEncoder
+
+    encoder = ByteEncoder(vocab_view)
+    for text in ["The Debian system", "日本語 café"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert b"".join(vocab_view.tokens[i].bytes for i in ids) == text.encode()
+        assert encoder.encode(text.encode()) == ids
+    model = make_model(tmp_path / "model", "mistral", directory)
+    out, report = transplant(model, model, tmp_path / "out", progress=False)
+    assert report.counts["initialised"] == 0
+    before, after = read_tensors(model), read_tensors(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from tokenizers import Tokenizer
-
 from .token_bytes import SPACE_MARK, Vocabulary, byte_alphabet
 
 
@@ -44,7 +42,7 @@ class ByteEncoder:
 
     def __init__(self, vocab: Vocabulary):
         self.vocab = vocab
-        self.backend = Tokenizer.from_str(vocab.backend_json)
+        self.backend = vocab.backend
         self.model = self.backend.model
         self.token_to_id = {t.token: t.id for t in vocab.tokens if not t.special}
         self.byte_token: dict[int, int] = {}

@@ -74,7 +74,7 @@ class Vocabulary:
 
     family: str  # "byte_level" | "metaspace" | "wordpiece"
     tokens: tuple[TokenInfo, ...]
-    backend_json: str  # tokenizers' serialisation, used to tokenize byte strings
+    backend: object  # the tokenizers.Tokenizer, whose model segments byte strings (read only)
     byte_fallback: bool
     continuing_prefix: str = "##"
 
@@ -93,6 +93,32 @@ def _walk(node) -> list[dict]:
         if key in node:
             out.extend(_walk(node[key]))
     return out
+
+
+def _component(part) -> dict | None:
+    """A tokenizer component (normalizer, pre-tokenizer, decoder) as its JSON description."""
+    if part is None:
+        return None
+    return json.loads(part.__getstate__())
+
+
+def tokenizer_spec(backend) -> dict:
+    """The parts of a tokenizer's description that say how tokens spell bytes, without its vocabulary.
+
+    Parsing the full ``to_str()`` JSON would build Python objects for every vocabulary entry and merge
+    (hundreds of MB for a 262k vocabulary), so the model's few fields and each component are read alone.
+    """
+    model = backend.model
+    return {
+        "model": {
+            "type": type(model).__name__,
+            "byte_fallback": getattr(model, "byte_fallback", False),
+            "continuing_subword_prefix": getattr(model, "continuing_subword_prefix", None),
+        },
+        "normalizer": _component(backend.normalizer),
+        "pre_tokenizer": _component(backend.pre_tokenizer),
+        "decoder": _component(backend.decoder),
+    }
 
 
 def detect_family(spec: dict) -> str:
@@ -141,11 +167,12 @@ def _token_bytes(token: str, family: str, byte_fallback: bool, prefix: str) -> t
 def vocabulary(tokenizer) -> Vocabulary:
     """Byte view of a transformers fast tokenizer (or a ``tokenizers.Tokenizer``)."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    backend_json = backend.to_str()
-    spec = json.loads(backend_json)
+    spec = tokenizer_spec(backend)
     family = detect_family(spec)
     model = spec["model"]
-    byte_fallback = bool(model.get("byte_fallback", False))
+    # Unigram does not expose byte_fallback in Python; its ByteFallback decoder says the same.
+    byte_fallback = bool(model.get("byte_fallback")) or any(
+        part.get("type") == "ByteFallback" for part in _walk(spec.get("decoder")))
     prefix = model.get("continuing_subword_prefix") or "##"
     vocab = backend.get_vocab(with_added_tokens=True)
     if not vocab:
@@ -177,4 +204,4 @@ def vocabulary(tokenizer) -> Vocabulary:
             TokenInfo(index, token, data, byte_fallback=is_fallback, word_start=word_start,
                       partial_utf8=not is_valid_utf8(data))
         )
-    return Vocabulary(family, tuple(tokens), backend_json, byte_fallback, prefix)
+    return Vocabulary(family, tuple(tokens), backend, byte_fallback, prefix)
