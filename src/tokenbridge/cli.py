@@ -155,6 +155,20 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _output_flags(parser, quiet: bool = True) -> None:
+    """--json, --quiet (progress bars off) and --debug (tracebacks), shared by the subcommands."""
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _window_flags(parser) -> None:
+    """How much of each text file is scored, and in which windows."""
+    parser.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
+    parser.add_argument("--window", type=int, default=2048, metavar="W", help="window size in bytes (default 2048)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenbridge", description="Move a pretrained LM onto another tokenizer.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -169,29 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (pytorch_model.bin)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p)
     p.set_defaults(func=cmd_transplant)
 
     p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
     p.add_argument("gguf")
     p.add_argument("out")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="tokenizer-independent bits per byte of a causal LM")
     p.add_argument("model", help="model directory, .gguf file, or packaged:NAME")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
-    p.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
-    p.add_argument("--window", type=int, default=2048, metavar="W", help="window size in bytes (default 2048)")
+    _window_flags(p)
     p.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
                    help="token prepended to every window (auto: BOS, else EOS)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tokstats", help="tokenizer statistics: compression, fertility, token premium, overlap")
@@ -199,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files (parallel for premiums)")
     p.add_argument("--reference", metavar="FILE", help="one of the text files: token premiums relative to it")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the premiums per language and tokenizer")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_tokstats)
 
     p = sub.add_parser("compare", help="transplant with several methods and compare bits per byte")
@@ -209,14 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
-    p.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
-    p.add_argument("--window", type=int, default=2048, metavar="W")
+    _window_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-models", action="store_true", help="keep the transplanted models in REPORT_DIR/models")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory (a quick check)")
@@ -226,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("methods", help="list initialisation methods")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..align.token_bytes import Vocabulary, vocabulary
+from ..align.token_bytes import Vocabulary, is_valid_utf8, vocabulary
 from ..errors import TokenbridgeError
 from .texts import read_text
 
@@ -138,20 +138,12 @@ def split_character_bytes(data: bytes) -> int:
         end = position + 1
         while end < len(data) and end < position + length and 0x80 <= data[end] <= 0xBF:
             end += 1
-        if end - position == length and _decodes(data[position:end]):
+        if end - position == length and is_valid_utf8(data[position:end]):
             position = end
             continue
         count += end - position
         position = end
     return count
-
-
-def _decodes(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _byte_token_bytes(vocab: Vocabulary) -> dict[int, int]:
@@ -266,7 +258,7 @@ def vocab_overlap(tok_a, tok_b, texts: dict[str, str], *, name_a: str = "A", nam
         size_a=len(vocab_a),
         size_b=len(vocab_b),
         shared=len(shared),
-        shared_partial_utf8=sum(1 for data in shared if not _decodes(data)),
+        shared_partial_utf8=sum(1 for data in shared if not is_valid_utf8(data)),
         shared_special=len(special_a & special_b),
         texts=tuple(per_text),
     )
