@@ -201,3 +201,14 @@ def test_json_output(capsys, models_dir, tok_dirs, tmp_path):
     data = json.loads(out)
     assert data["counts"]["initialised"] > 0 and data["method"] == "subword"
     assert data["out"] == str(tmp_path / "out")
+
+
+def test_missing_output_parents_are_created(capsys, models_dir, tmp_path):
+    out = tmp_path / "new" / "nested" / "model"
+    code, _, err = run(capsys, "transplant", models_dir["llama"], models_dir["llama"], out, "--quiet")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "transplant", models_dir["llama"], models_dir["llama"], blocker / "model")
+    assert code == 2 and "exists and is not a directory" in err

@@ -24,14 +24,18 @@ def check_output(out: Path, force: bool, protected: list[Path] = ()) -> None:
             raise TokenbridgeError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not force:
             raise TokenbridgeError(f"{out}: exists and is not empty (pass --force to replace it)")
-    if not out.parent.exists():
-        raise TokenbridgeError(f"{out.parent}: no such directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TokenbridgeError(f"{parent}: exists and is not a directory")
+            break
 
 
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool):
     """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it is removed."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # missing parents are created, like mkdir -p
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tokenbridge-", dir=out.parent))
     try:
         yield tmp
