@@ -116,7 +116,3 @@ def peak_rss_mb() -> float:
 def _row(row: RowProvenance) -> dict:
     return {"target_id": row.target_id, "token": row.token, "how": row.how, "source_ids": row.source_ids,
             "weights": row.weights}
-
-
-def load_report(directory: Path) -> dict:
-    return json.loads((Path(directory) / REPORT_NAME).read_text(encoding="utf-8"))

@@ -64,9 +64,6 @@ class TokenInfo:
     word_start: bool = False  # begins with a space (Ġ, ▁) or is a word-initial WordPiece piece
     partial_utf8: bool = False  # its bytes are not valid UTF-8 on their own
 
-    def describe(self) -> str:
-        return self.token
-
 
 @dataclass(frozen=True)
 class Vocabulary:

@@ -34,9 +34,6 @@ class ArchSpec:
     def vocab_size(self, config: dict) -> int:
         return int(get_dotted(config, self.vocab_key))
 
-    def all_names(self) -> tuple[str, ...]:
-        return self.input + self.output + self.output_bias
-
 
 def get_dotted(config: dict, key: str):
     value = config
