@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import corpus, logits, make_byte_level, read_tensors
+from conftest import corpus, logits, read_tensors
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
