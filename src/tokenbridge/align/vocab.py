@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 
@@ -55,8 +55,6 @@ class Alignment:
     matches: list[Match]
     new: list[int]  # ordinary target tokens the method initialises
     unmatched_special: list[int]  # special target tokens with no counterpart in the source
-    source_roles: dict[str, str] = field(default_factory=dict)
-    target_roles: dict[str, str] = field(default_factory=dict)
 
     def copied_from(self) -> dict[int, int]:
         return {m.target_id: m.source_id for m in self.matches}
@@ -134,7 +132,7 @@ def align(source: Vocabulary, target: Vocabulary, source_tokenizer=None, target_
         if chosen is None:
             chosen = source_for(info.bytes)
         matches.append(Match(info.id, chosen.id, "bytes"))
-    return Alignment(source, target, matches, new, unmatched_special, source_roles, target_roles)
+    return Alignment(source, target, matches, new, unmatched_special)
 
 
 def _match_special(info: TokenInfo, source_added: dict[str, TokenInfo], source_roles: dict[str, str],

@@ -29,14 +29,18 @@ DEFAULT_WINDOW = 2048
 LOGITS_BUDGET = 1 << 28  # float32 logits elements per batch (1 GiB)
 
 
+def _boundary_at_or_before(data: bytes, index: int) -> int:
+    """The largest UTF-8 character boundary of ``data`` that is at most ``index``."""
+    while 0 < index < len(data) and (data[index] & 0xC0) == 0x80:
+        index -= 1
+    return index
+
+
 def cut_text(data: bytes, limit: int | None) -> bytes:
     """The first ``limit`` bytes of ``data``, moved back to a UTF-8 character boundary."""
     if limit is None or limit >= len(data):
         return data
-    end = limit
-    while end > 0 and (data[end] & 0xC0) == 0x80:
-        end -= 1
-    return data[:end]
+    return data[:_boundary_at_or_before(data, limit)]
 
 
 def byte_windows(data: bytes, size: int) -> list[tuple[int, int]]:
@@ -46,9 +50,7 @@ def byte_windows(data: bytes, size: int) -> list[tuple[int, int]]:
     windows = []
     start = 0
     while start < len(data):
-        end = min(start + size, len(data))
-        while end < len(data) and (data[end] & 0xC0) == 0x80:
-            end -= 1
+        end = _boundary_at_or_before(data, min(start + size, len(data)))
         windows.append((start, end))
         start = end
     return windows
@@ -202,11 +204,10 @@ def load_causal_lm(path):
 
 
 def evaluate(model_path, text_paths: list[Path], limit: int | None = None, window: int = DEFAULT_WINDOW,
-             prefix: str = "auto", progress: bool = True, model=None, tokenizer=None) -> EvalResult:
+             prefix: str = "auto", progress: bool = True) -> EvalResult:
     """Bits per byte of a causal LM on each file (the first ``limit`` bytes of each)."""
     texts = read_texts(text_paths, limit)
-    if model is None:
-        model, tokenizer = load_causal_lm(model_path)
+    model, tokenizer = load_causal_lm(model_path)
     scorer = Scorer(model, tokenizer, prefix)
     result = EvalResult(str(model_path), scorer.prefix, window)
     for name, data in tqdm(texts.items(), desc="scoring", unit="file", disable=not progress):
