@@ -22,7 +22,7 @@ from .align.vocab import ROLES, Alignment, align
 from .arch import ArchSpec, arch_spec
 from .arch.spec import set_dotted
 from .errors import TokenbridgeError
-from .init.registry import MethodInputs, get_method, make_config
+from .init.registry import MethodInputs, TransplantContext, check_resources, get_method, make_config
 from .load.checkpoint import Checkpoint, open_checkpoint
 from .load.tokenizer import load_tokenizer
 from .report import RowProvenance, SpecialMatch, TransplantReport, peak_rss_mb
@@ -109,8 +109,9 @@ class _Builder:
     """Builds one vocabulary-sized matrix from the alignment and a method."""
 
     def __init__(self, alignment: Alignment, method, config, source_encoder: ByteEncoder, seed: int,
-                 rows_out: int, embed_scale: float, progress: bool):
+                 rows_out: int, embed_scale: float, progress: bool, prepared=None):
         self.alignment = alignment
+        self.prepared = prepared
         self.method = method
         self.config = config
         self.encoder = source_encoder
@@ -141,13 +142,15 @@ class _Builder:
         for begin in range(0, len(new_tokens), METHOD_CHUNK):
             chunk = new_tokens[begin:begin + METHOD_CHUNK]
             inputs = MethodInputs(work, matrix, chunk, self.alignment.source, self.encoder, generator,
-                                  self.embed_scale)
+                                  self.embed_scale, self.prepared)
             result = self.method.fn(inputs, self.config)
             if result.rows.shape != (len(chunk), stored.shape[1]):
                 raise AssertionError(f"method {self.method.name} returned rows of shape {tuple(result.rows.shape)}")
             out[torch.tensor([t.id for t in chunk])] = result.rows.to(stored.dtype)
-            for info, ids, weights, fell in zip(chunk, result.source_ids, result.weights, result.fallback):
-                how = "fallback:mean" if fell else self.method.name
+            labels = result.how or [self.method.name] * len(chunk)
+            for info, ids, weights, fell, label in zip(chunk, result.source_ids, result.weights, result.fallback,
+                                                       labels):
+                how = "fallback:mean" if fell else label
                 provenance.append(RowProvenance(info.id, info.token, how, list(ids), [round(w, 6) for w in weights]))
             del result
             bar.update(len(chunk))
@@ -242,6 +245,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     check_output(out, force, protected=[source, target_path])
     chosen = get_method(method)
     config = make_config(chosen, options)
+    check_resources(chosen, config)
 
     model_dir = resolve_source(source)
     checkpoint = open_checkpoint(model_dir, allow_pickle=allow_pickle)
@@ -263,7 +267,16 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     alignment = align(source_vocab, target_vocab, source_tokenizer, target_tok, encoder)
     rows_out = padded_size(len(target_vocab), source_rows, len(source_vocab))
     embed_scale = spec.scale(checkpoint.config)
-    builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress)
+    prepared = None
+    if chosen.prepare is not None:
+        overlap = [m for m in alignment.matches if m.how == "bytes"]
+        context = TransplantContext(
+            source_vocab, target_vocab, source_tokenizer, target_tok, encoder,
+            torch.tensor([m.target_id for m in overlap], dtype=torch.int64),
+            torch.tensor([m.source_id for m in overlap], dtype=torch.int64),
+            [target_vocab.tokens[i] for i in alignment.new], seed, progress)
+        prepared = chosen.prepare(context, config)
+    builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
 
     new_input, input_provenance = builder.build(stored_input, "input")
     del stored_input
@@ -280,6 +293,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     if names.output_bias:
         new_bias = builder.bias(checkpoint.read(names.output_bias[0]), output_provenance)
         replacements.update({name: new_bias for name in names.output_bias})
+    builder.prepared = prepared = None  # a donor's matrices are not needed while writing
 
     new_config = dict(checkpoint.config)
     set_dotted(new_config, spec.vocab_key, rows_out)
@@ -292,7 +306,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
         for m in alignment.matches if m.how.startswith("special:")
     ]
     copied = [(m.target_id, m.source_id) for m in alignment.matches if m.how == "bytes"]
-    fallback = sum(1 for p in input_provenance if p.how == "fallback:mean")
+    fallback = sum(1 for p in input_provenance if "fallback" in p.how)
     report = TransplantReport(
         source=str(source), target=str(target_path), method=method, options=asdict(config), seed=seed,
         model_type=spec.model_type, tied=tied, embed_scale=embed_scale,

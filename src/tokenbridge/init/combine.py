@@ -1,0 +1,65 @@
+"""Rows as weighted sums of source rows, decided once per transplant.
+
+Most methods (CLP, FOCUS, TokenAdapt, WECHSEL, Trans-Tokenization) decide, for every new
+target token, a short list of source tokens and weights in some auxiliary space, and the
+same combination then builds input and output rows.  Their ``prepare`` step returns a
+:class:`Combination`; :func:`apply_combination` turns it into a :class:`MethodResult`.
+Tokens the combination does not cover get the ``subword`` rows and are labelled so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import MethodInputs, MethodResult
+from .subword import combine_rows, piece_weights
+
+
+@dataclass
+class Combination:
+    """target id -> (source ids, weights) for the new tokens a method could place."""
+
+    ids: dict[int, list[int]] = field(default_factory=dict)
+    weights: dict[int, list[float]] = field(default_factory=dict)
+    how: dict[int, str] = field(default_factory=dict)  # optional per-token label, default the method's name
+
+    def add(self, target_id: int, source_ids: list[int], weights: list[float], how: str | None = None) -> None:
+        if len(source_ids) != len(weights) or not source_ids:
+            raise ValueError(f"target {target_id}: {len(source_ids)} ids and {len(weights)} weights")
+        self.ids[target_id] = [int(i) for i in source_ids]
+        self.weights[target_id] = [float(w) for w in weights]
+        if how:
+            self.how[target_id] = how
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def apply_combination(inputs: MethodInputs, combination: Combination, method: str) -> MethodResult:
+    """Rows for ``inputs.new_tokens``; tokens outside ``combination`` fall back to ``subword``."""
+    ids, weights, how, fallback = [], [], [], []
+    for info in inputs.new_tokens:
+        if info.id in combination.ids:
+            ids.append(combination.ids[info.id])
+            weights.append(combination.weights[info.id])
+            how.append(combination.how.get(info.id, method))
+            fallback.append(False)
+            continue
+        pieces = inputs.source_encoder.encode(info.bytes)
+        if pieces:
+            ids.append(pieces)
+            weights.append(piece_weights(len(pieces), 1.0))
+            how.append(f"{method}:fallback:subword")
+            fallback.append(False)
+        else:
+            ids.append([])
+            weights.append([])
+            how.append("fallback:mean")
+            fallback.append(True)
+    rows = combine_rows(inputs.source_rows, ids, weights)
+    if any(fallback):
+        mean = inputs.source_rows.mean(dim=0)
+        for i, missed in enumerate(fallback):
+            if missed:
+                rows[i] = mean
+    return MethodResult(rows, ids, weights, fallback, how)
