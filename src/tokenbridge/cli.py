@@ -141,17 +141,39 @@ def cmd_generate(args) -> int:
 def cmd_methods(args) -> int:
     import dataclasses
 
+    from .auto import AutoMethodConfig
     from .init import available_methods
 
-    methods = available_methods()
+    rows = {name: (m.summary, m.config_cls) for name, m in available_methods().items()}
+    rows["auto"] = ("try the methods the options allow, keep the best by bits per byte on held-out text",
+                    AutoMethodConfig)
+
+    def describe(field):
+        if field.metadata.get("resource"):
+            need = "required" if field.metadata.get("required") else f"default {field.default!r}"
+            return f"{field.name}=<{field.metadata['resource']}; {need}>"
+        return f"{field.name}={field.default}"
+
     if args.json:
-        print(json.dumps({name: {"summary": m.summary,
-                                 "options": {f.name: f.default for f in dataclasses.fields(m.config_cls)}}
-                          for name, m in methods.items()}, indent=2))
+        print(json.dumps({name: {"summary": summary,
+                                 "options": {f.name: f.default for f in dataclasses.fields(cls)},
+                                 "resources": {f.name: f.metadata["resource"] for f in dataclasses.fields(cls)
+                                               if f.metadata.get("resource")}}
+                          for name, (summary, cls) in rows.items()}, indent=2))
     else:
-        for name, method in methods.items():
-            options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(method.config_cls))
-            print(f"{name:10s} {method.summary}" + (f"  [{options}]" if options else ""))
+        for name, (summary, cls) in rows.items():
+            print(f"{name:10s} {summary}")
+            options = [describe(f) for f in dataclasses.fields(cls)]
+            if options:
+                print(" " * 11 + "options: " + ", ".join(options))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain, format_explanation
+
+    entries = explain(args.out, args.token, by_id=args.id)
+    print(json.dumps(entries, indent=2, ensure_ascii=False) if args.json else format_explanation(entries, args.top))
     return 0
 
 
@@ -232,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
+    p.add_argument("out", help="a directory written by tokenbridge transplant")
+    p.add_argument("token", help="a target token (as the tokenizer writes it), an id with --id, or any text")
+    p.add_argument("--id", action="store_true", help="TOKEN is a target id (or comma-separated ids)")
+    p.add_argument("--top", type=int, default=12, help="source rows listed per token (default 12)")
+    _output_flags(p, quiet=False)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("methods", help="list initialisation methods")
     p.add_argument("--json", action="store_true")

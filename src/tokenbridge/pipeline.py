@@ -235,8 +235,13 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
                progress: bool = True) -> tuple[Path, TransplantReport]:
     """Give the model at ``source`` the tokenizer at ``target_tokenizer``; write it to ``out``.
 
-    Returns the written directory and a :class:`TransplantReport`.
+    Returns the written directory and a :class:`TransplantReport`.  ``method="auto"`` tries the
+    methods the options allow and keeps the best on held-out text (:mod:`tokenbridge.auto`).
     """
+    if method == "auto":
+        from .auto import auto_transplant
+
+        return auto_transplant(source, target_tokenizer, out, options, seed, force, allow_pickle, progress)
     started = time.perf_counter()
     source, target_path, out = Path(source), Path(target_tokenizer), Path(out)
     for path in (source, target_path):

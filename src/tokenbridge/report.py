@@ -49,6 +49,7 @@ class TransplantReport:
     specials: list[SpecialMatch]
     copied: list[tuple[int, int]]  # (target id, source id) for rows copied by bytes
     initialised: dict[str, list[RowProvenance]]  # "input" (and "output" when untied)
+    selection: dict | None = None  # method "auto": what each candidate scored and which was kept
     seconds: float = 0.0  # not written to the file: outputs stay byte-identical across runs
     peak_rss_mb: float = 0.0
 
