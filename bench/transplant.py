@@ -144,13 +144,100 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU, Python {platform.python_version()}"
 
 
+def vocab_matrix_mb(model_dir: Path) -> tuple[float, int, int]:
+    """(float32 MB of the model's vocabulary-sized matrices, rows, hidden size), from the headers."""
+    from tokenbridge.arch import arch_spec
+    from tokenbridge.load.checkpoint import open_checkpoint
+    from tokenbridge.pipeline import is_tied, locate_vocab_tensors
+
+    checkpoint = open_checkpoint(model_dir)
+    names = locate_vocab_tensors(checkpoint, arch_spec(checkpoint.config["model_type"]), is_tied(checkpoint))
+    rows, hidden = checkpoint.tensors[names.input[0]].shape
+    matrices = 1 if is_tied(checkpoint) else 2
+    return matrices * rows * hidden * 4 / 2**20, rows, hidden
+
+
+def largest_shard_mb(model_dir: Path) -> float:
+    return max(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+
+
+def memory_budget(source_dir: Path, target_dir: Path, donor_dir: Path | None) -> float:
+    """1.5 x float32 size of the vocabulary matrices involved (source, donor, target) plus one shard."""
+    from transformers import AutoTokenizer
+
+    source_mb, source_rows, _ = vocab_matrix_mb(source_dir)
+    target_rows = len(AutoTokenizer.from_pretrained(str(target_dir)))
+    target_mb = source_mb / source_rows * target_rows
+    donor_mb = vocab_matrix_mb(donor_dir)[0] if donor_dir else 0.0
+    return 1.5 * (source_mb + donor_mb + target_mb) + largest_shard_mb(source_dir)
+
+
+def training_text(workdir: Path, names: list[str], size: int) -> Path:
+    """``size`` bytes from TRAIN_OFFSET of each named corpus (never the scored slices), one file."""
+    from tokenbridge.measure.bpb import cut_text
+
+    parts = []
+    for name in names:
+        data = (CORPORA / SLICES[name]).read_bytes()[TRAIN_OFFSET:]
+        start = 0
+        while (data[start] & 0xC0) == 0x80:
+            start += 1
+        parts.append(cut_text(data[start:], size).decode("utf-8"))
+    path = workdir / f"train-{'-'.join(names)}-{size}.txt"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def method_resources(pair: Pair, dirs: dict, workdir: Path) -> dict[str, dict]:
+    """Options that give each method its resources on this pair; methods missing here run without."""
+    options: dict[str, dict] = {}
+    if pair.donor:
+        donor = str(dirs[pair.donor])
+        options["omp"] = {"donor": donor, "k": "64"}
+        options["clp"] = {"donor": donor}
+        mixed = training_text(workdir, ["en", "de", "ja", "code"], 100_000)
+        options["focus"] = {"corpus": str(mixed)}
+        # Same text on both sides: the aligner links the two tokenizations of each line.
+        options["transtok"] = {"parallel_source": str(mixed), "parallel_target": str(mixed)}
+    else:  # pair 3: English model onto a German tokenizer
+        from tokenbridge.init.word_align import parallel_from_documents
+
+        from tokenbridge.init.static_vectors import train_vectors, write_vectors
+
+        german = training_text(workdir, ["de"], 300_000)
+        options["focus"] = {"corpus": str(german)}
+        english = (CORPORA / "debref.en.txt").read_text(encoding="utf-8")
+        deutsch = (CORPORA / "debref.de.txt").read_text(encoding="utf-8")
+        en_lines, de_lines = parallel_from_documents(english, deutsch)
+        (workdir / "parallel.en.txt").write_text("\n".join(en_lines) + "\n", encoding="utf-8")
+        (workdir / "parallel.de.txt").write_text("\n".join(de_lines) + "\n", encoding="utf-8")
+        options["transtok"] = {"parallel_source": str(workdir / "parallel.en.txt"),
+                               "parallel_target": str(workdir / "parallel.de.txt")}
+        vectors = {}
+        for lang, text in (("en", english), ("de", deutsch)):
+            words = [line.split() for line in text.splitlines() if line.strip()]
+            vectors[lang] = workdir / f"vectors.{lang}.vec"
+            write_vectors(vectors[lang], train_vectors(words, dim=100, epochs=5, min_count=2, seed=0))
+        options["wechsel"] = {"source_vectors": str(vectors["en"]), "target_vectors": str(vectors["de"]),
+                              "dictionary": str(REPO / "tests" / "data" / "en-de.dict.txt")}
+    return options
+
+
 def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) -> dict:
+    from tokenbridge.errors import TokenbridgeError
     from tokenbridge.init import available_methods
+    from tokenbridge.init.registry import required_resources
     from tokenbridge.measure.bpb import evaluate
-    from tokenbridge.measure.compare import MethodRun, report_dict, report_markdown, run_methods, write_report
+    from tokenbridge.measure.compare import (
+        MethodRun,
+        report_dict,
+        report_markdown,
+        run_methods,
+        run_transplant,
+        write_report,
+    )
 
     source_dir, target_dir = dirs[pair.source], dirs[pair.target]
-    methods = [m for m in available_methods() if m in args.methods] if args.methods else list(available_methods())
     pair_dir = workdir / f"pair{pair.number}"
     if args.reuse and (pair_dir / "report.json").is_file():
         print(f"pair {pair.number}: reusing {pair_dir / 'report.json'}", file=sys.stderr, flush=True)
@@ -158,11 +245,31 @@ def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) 
     if pair_dir.exists():
         shutil.rmtree(pair_dir)
     pair_dir.mkdir(parents=True)
+    resources = method_resources(pair, dirs, pair_dir)
+    registered = available_methods()
+    wanted = args.methods or list(registered)
+    methods = [m for m in wanted if m in registered and
+               all(r in resources.get(m, {}) for r in required_resources(registered[m]))]
+    skipped = {m: "no resources for this pair" for m in wanted if m not in methods}
     print(f"pair {pair.number}: {pair.name}: tokenbridge {', '.join(methods)}", file=sys.stderr, flush=True)
-    runs = run_methods(source_dir, target_dir, methods, slices, pair_dir / "models", args.bytes, args.window,
+    runs = run_methods(source_dir, target_dir, [], slices, pair_dir / "models", args.bytes, args.window,
                        progress=False)
-    runs = [MethodRun(f"tokenbridge {r.method}" if r.method != "original" else r.method, r.seconds, r.peak_rss_mb,
-                      r.result, r.counts) for r in runs]
+    budgets, failures = {}, {}
+    for method in methods:
+        options = resources.get(method, {})
+        donor = options.get("donor")
+        budgets[f"tokenbridge {method}"] = round(memory_budget(source_dir, target_dir, Path(donor) if donor else None))
+        model_dir = pair_dir / "models" / method
+        print(f"pair {pair.number}: tokenbridge {method}", file=sys.stderr, flush=True)
+        try:
+            summary = run_transplant(source_dir, target_dir, model_dir, method, 0, options)
+        except TokenbridgeError as error:
+            failures[method] = str(error)
+            continue
+        result = evaluate(model_dir, slices, args.bytes, args.window, progress=False)
+        runs.append(MethodRun(f"tokenbridge {method}", summary["seconds"], summary["peak_rss_mb"], result,
+                              summary["counts"]))
+        shutil.rmtree(model_dir)
     peers = {}
     if pair.donor and args.mergekit:
         for method in ("omp", "subword"):
@@ -177,6 +284,11 @@ def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) 
     report = report_dict(str(source_dir), str(target_dir), runs, args.window, args.bytes, 0)
     report["pair"] = {"number": pair.number, "name": pair.name}
     report["mergekit"] = peers
+    report["memory_budget_mb"] = budgets
+    report["failures"] = failures
+    report["skipped"] = skipped
+    report["resources"] = {m: {k: (Path(v).name if "/" in v else v) for k, v in o.items()}
+                           for m, o in resources.items() if m in methods}
     write_report(pair_dir, report)
     print(report_markdown(report), file=sys.stderr, flush=True)
     return report
@@ -197,6 +309,17 @@ def section(reports: list[dict], command: str, started: str) -> str:
                                                  f"{row['projected_total_s'] / 3600:.1f} h in all"
                                                  if "projected_total_s" in row else ""))
                 lines.append(f"- mergekit {method}: did not finish: {detail}.")
+        for method, error in report.get("failures", {}).items():
+            lines.append(f"- tokenbridge {method}: failed: {error}")
+        if report.get("skipped"):
+            lines.append("- not run on this pair (no resources): " + ", ".join(report["skipped"]))
+        budgets = report.get("memory_budget_mb", {})
+        peaks = {row["method"]: row["peak_rss_mb"] for row in report["rows"]}
+        if budgets:
+            lines.append("- peak memory against the budget (1.5 x float32 vocabulary matrices of source, donor and "
+                         "target, plus one shard): " + ", ".join(
+                             f"{m.split()[-1]} {peaks.get(m, 0):.0f}/{b} MB" for m, b in budgets.items()
+                             if m in peaks))
         lines.append("")
     return "\n".join(lines)
 

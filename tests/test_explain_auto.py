@@ -114,3 +114,22 @@ def test_auto_errors(models_dir, tok_dirs, tmp_path, capsys):
                        "--method", "auto", "-o", f"text={text}")
     assert code == 2 and "causal LM" in err
     assert not Path(tmp_path / "o").exists()
+
+
+def test_vectors_command(tmp_path, capsys):
+    from collections import Counter
+
+    from tokenbridge.init.static_vectors import read_vectors, split_words
+
+    text = tmp_path / "de.txt"
+    text.write_text(corpus("de", 0, 20000), encoding="utf-8")
+    out = tmp_path / "de.vec"
+    code, printed, _ = run(capsys, "vectors", "--text", text, "--out", out, "--dim", "16", "--epochs", "1",
+                           "--min-count", "3", "--quiet")
+    assert code == 0, printed
+    vectors = read_vectors(out)
+    counts = Counter(w for line in split_words(text.read_text(encoding="utf-8")) for w in line)
+    assert sorted(vectors.words) == sorted(w for w, c in counts.items() if c >= 3)
+    assert vectors.vectors.shape == (len(vectors.words), 16)
+    code, _, err = run(capsys, "vectors", "--text", text, "--out", out)
+    assert code == 2 and "--force" in err

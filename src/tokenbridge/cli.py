@@ -169,6 +169,31 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_vectors(args) -> int:
+    """Word vectors (skip-gram, negative sampling) for methods that read them (wechsel)."""
+    from pathlib import Path
+
+    from .init.static_vectors import split_words, train_vectors, write_vectors
+    from .measure.texts import read_text
+    from .write.output_dir import check_output
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise TokenbridgeError(f"{out}: exists (pass --force to replace it)")
+    check_output(out.parent, True)
+    sequences = [words for path in args.text for words in split_words(read_text(Path(path)))]
+    vectors = train_vectors(sequences, dim=args.dim, window=args.window, epochs=args.epochs,
+                            min_count=args.min_count, seed=args.seed, progress=not args.quiet)
+    tmp = out.with_name(f".{out.name}.tmp")
+    write_vectors(tmp, vectors)
+    tmp.replace(out)
+    if args.json:
+        print(json.dumps({"out": str(out), "words": len(vectors.words), "dim": args.dim}))
+    else:
+        print(f"wrote {out}: {len(vectors.words)} words, {args.dim} dimensions")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .explain import explain, format_explanation
 
@@ -262,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=12, help="source rows listed per token (default 12)")
     _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("vectors", help="train word vectors on text (.vec), e.g. for the wechsel method")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--out", required=True, metavar="VEC", help="output file in word2vec text format")
+    p.add_argument("--dim", type=int, default=100)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--min-count", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace VEC if it exists")
+    _output_flags(p)
+    p.set_defaults(func=cmd_vectors)
 
     p = sub.add_parser("methods", help="list initialisation methods")
     p.add_argument("--json", action="store_true")
