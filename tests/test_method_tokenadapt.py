@@ -12,8 +12,9 @@ from conftest import load_lm, read_tensors
 
 import tokenbridge.init.tokenadapt  # noqa: F401 - registers the method
 from tokenbridge.errors import TokenbridgeError
+from tokenbridge.init.sparse import cosine_topk
 from tokenbridge.init.text_embed import TextEmbedder, embed_texts
-from tokenbridge.init.tokenadapt import nearest_sources, tokenadapt_weights
+from tokenbridge.init.tokenadapt import tokenadapt_weights
 from tokenbridge.pipeline import transplant
 
 # ---- reference computations (plain Python / one text at a time) -------------------------------
@@ -145,7 +146,8 @@ def test_weights_equal_the_direct_formulas():
             lengths[n, j] = piece_lengths[n][j]
             if i is not None:
                 pieces[n, j] = keys[i]
-    similarities, neighbours = nearest_sources(tokens, keys, k)
+    similarities, neighbours = cosine_topk(tokens, keys, k)
+    similarities = similarities.double()  # the search runs in float32
 
     for threshold, global_weight in [(0.0, 0.3), (-1.0, 0.5), (0.25, 0.3), (2.0, 0.3)]:
         got = tokenadapt_weights(tokens, pieces, present, lengths, torch.tensor(token_lengths, dtype=torch.float64),

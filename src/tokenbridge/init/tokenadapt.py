@@ -43,6 +43,7 @@ from ..align.token_bytes import TokenInfo
 from ..errors import TokenbridgeError
 from .combine import Combination, apply_combination
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
+from .sparse import cosine_topk
 
 CHUNK = 512  # new tokens weighted at a time (bounds the ``chunk x pieces x aux dim`` piece block)
 SEARCH_CHUNK = 1024  # queries per ``chunk x V_source`` similarity block of the neighbour search
@@ -106,7 +107,7 @@ def tokenadapt_weights(tokens: Tensor, pieces: Tensor, piece_present: Tensor, pi
     their source pieces (a zero row: no embedding, similarity 0), real where ``piece_present
     [n, m]``; ``piece_lengths [n, m]``, ``token_lengths [n]``: characters;
     ``neighbour_similarities [n, k]``: cosine similarities of the nearest source tokens (see
-    :func:`nearest_sources`), real where ``neighbour_present [n, k]``.  The final weights of a
+    :func:`~tokenbridge.init.sparse.cosine_topk`), real where ``neighbour_present [n, k]``.  The final weights of a
     token (``local_share`` over its pieces plus ``global_share`` over its neighbours) sum to 1,
     or to 0 when it has neither estimate.
     """
@@ -119,24 +120,6 @@ def tokenadapt_weights(tokens: Tensor, pieces: Tensor, piece_present: Tensor, pi
     local_factor = has_local * (1 - global_weight * has_global)
     global_factor = has_global * (1 - (1 - global_weight) * has_local)
     return HybridWeights(local, global_, local * local_factor, global_ * global_factor)
-
-
-def nearest_sources(queries: Tensor, keys: Tensor, k: int, chunk: int = SEARCH_CHUNK) -> tuple[Tensor, Tensor]:
-    """The ``k`` rows of ``keys [N, a]`` with the largest dot product with each row of ``queries [n, a]``.
-
-    Unit rows make it cosine similarity.  Returns ``(similarities [n, k'], indices [n, k'])``,
-    ``k' = min(k, N)``, best first; one ``chunk x N`` block at a time.
-    """
-    k = min(int(k), keys.shape[0])
-    values = torch.empty((queries.shape[0], k), dtype=queries.dtype)
-    indices = torch.empty((queries.shape[0], k), dtype=torch.int64)
-    keys_t = keys.T.contiguous()
-    for begin in range(0, queries.shape[0], chunk):
-        block = queries[begin:begin + chunk] @ keys_t
-        v, i = block.topk(k, dim=-1, sorted=True)
-        values[begin:begin + len(block)] = v
-        indices[begin:begin + len(block)] = i
-    return values, indices
 
 
 def char_length(data: bytes) -> int:
@@ -213,7 +196,7 @@ def prepare_tokenadapt(context: TransplantContext, config: TokenAdaptConfig) -> 
     use_global = config.global_weight > 0 and keys.shape[0] > 0
     if use_global:
         distinct, inverse = torch.unique(target_rows, return_inverse=True)
-        distinct_similarities, distinct_neighbours = nearest_sources(vectors[distinct], keys, config.top_k)
+        distinct_similarities, distinct_neighbours = cosine_topk(vectors[distinct], keys, config.top_k, SEARCH_CHUNK)
         del distinct
 
     combination = Combination()

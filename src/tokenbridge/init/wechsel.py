@@ -30,6 +30,7 @@ from ..align.token_bytes import Vocabulary
 from ..errors import TokenbridgeError
 from .combine import Combination, apply_combination
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
+from .sparse import cosine_topk
 from .static_vectors import WordVectors, read_vectors
 
 
@@ -78,19 +79,9 @@ def nearest_sources(target: torch.Tensor, source: torch.Tensor, k: int, temperat
     ``target [m, d]``, ``source [s, d]`` -> ``(indices [m, k], weights [m, k], similarities [m, k])`` with
     ``k`` cut to ``s``, neighbours by descending similarity, ``weights = softmax(similarities / temperature)``.
     """
-    k = min(k, source.shape[0])
-    source_unit = torch.nn.functional.normalize(source.float(), dim=1, eps=1e-8)
-    indices, weights, sims = [], [], []
-    for begin in range(0, target.shape[0], chunk):
-        unit = torch.nn.functional.normalize(target[begin:begin + chunk].float(), dim=1, eps=1e-8)
-        best = torch.topk(unit @ source_unit.T, k, dim=1)
-        indices.append(best.indices)
-        sims.append(best.values)
-        weights.append(torch.softmax(best.values.double() / temperature, dim=1).float())
-    if not indices:
-        empty = torch.zeros((0, k))
-        return empty.long(), empty, empty
-    return torch.cat(indices), torch.cat(weights), torch.cat(sims)
+    sims, indices = cosine_topk(target.float(), source.float(), k, chunk)
+    weights = torch.softmax(sims.double() / temperature, dim=1).float()
+    return indices, weights, sims
 
 
 def read_dictionary(path) -> list[tuple[str, str]]:
