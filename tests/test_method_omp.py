@@ -132,6 +132,25 @@ def test_degenerate_atoms_and_targets(pool):
             assert len(used(indices, coefficients, 3)[0]) == 6  # the 6 independent directions: all it can
 
 
+def test_rows_from_codes_and_the_mean_when_nothing_was_coded():
+    from tokenbridge.align.token_bytes import TokenInfo
+    from tokenbridge.init.omp import OmpConfig, OmpState, omp
+    from tokenbridge.init.registry import MethodInputs
+
+    source = torch.randn(30, 4, generator=torch.Generator().manual_seed(5))
+    overlap_source = torch.tensor([7, 3, 12, 25])
+    state = OmpState(torch.tensor([2, 9]), overlap_source)
+    state.codes["input"] = (torch.tensor([[2, 0, -1], [-1, -1, -1]], dtype=torch.int32),
+                            torch.tensor([[0.5, -2.0, 0.0], [0.0, 0.0, 0.0]]))
+    tokens = [TokenInfo(2, "a", b"a"), TokenInfo(9, "b", b"b")]
+    result = omp(MethodInputs(source, "input", tokens, None, None, torch.Generator(), 1.0, state),
+                 OmpConfig(donor="unused"))
+    assert result.source_ids == [[12, 7], []] and result.weights == [[0.5, -2.0], []]
+    assert result.fallback == [False, True]
+    torch.testing.assert_close(result.rows[0], 0.5 * source[12] - 2.0 * source[7])
+    torch.testing.assert_close(result.rows[1], source.mean(dim=0))
+
+
 @pytest.fixture(scope="module")
 def donors(tmp_path_factory, tok_dirs):
     root = tmp_path_factory.mktemp("omp")

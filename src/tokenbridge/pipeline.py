@@ -279,7 +279,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
             source_vocab, target_vocab, source_tokenizer, target_tok, encoder,
             torch.tensor([m.target_id for m in overlap], dtype=torch.int64),
             torch.tensor([m.source_id for m in overlap], dtype=torch.int64),
-            [target_vocab.tokens[i] for i in alignment.new], seed, progress)
+            [target_vocab.tokens[i] for i in alignment.new], seed, progress, tied or not names.output)
         prepared = chosen.prepare(context, config)
     builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
 

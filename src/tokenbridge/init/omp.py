@@ -12,7 +12,8 @@ not yet chosen atom with the largest ``|<residual, atom>|`` joins (atoms are not
 the coefficients are the least-squares fit of the target on the chosen atoms.  Unlike mergekit, a
 token stops early, with fewer than ``k`` atoms, when its residual has vanished or when the atom
 picked next is a linear combination of those already chosen (mergekit would add it with a clamped
-norm); so no atom is picked twice and no system is singular.
+norm); so no atom is picked twice and no system is singular.  A token whose donor row is zero has
+nothing to code and gets the mean source row (reported as a fallback).
 
 Exact OMP over every overlapping token costs ``~2 k d N`` flops per token (``N`` overlapping
 tokens), too much for a 200k-token vocabulary.  With ``pool > 0`` a token is pursued only among
@@ -32,6 +33,9 @@ was 0.37 exact, 0.65 with raw screening and 0.48 with this screen (pool 256, ran
 from __future__ import annotations
 
 import contextlib
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +44,7 @@ from tqdm.auto import tqdm
 from ..errors import TokenbridgeError
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
 
-GATHER_FLOATS = 1 << 24  # bound on the pool rows gathered at once for the Gram matrices (64 MiB in float32)
+GATHER_FLOATS = 1 << 22  # bound on the pool rows gathered at once for the Gram matrices (16 MiB in float32)
 COMBINE_BATCH = 256  # new rows assembled from source rows at a time
 
 
@@ -262,21 +266,24 @@ def _exact_codes(targets: torch.Tensor, atoms: torch.Tensor, norms2: torch.Tenso
 
 
 def batch_omp(targets: torch.Tensor, atoms: torch.Tensor, k: int, pool: int = 256, batch: int = 256,
-              how: Screen | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              how: Screen | None = None, ids: torch.Tensor | None = None,
+              on_batch: Callable[[int], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of ``targets [M, d]`` in ``atoms [N, d]`` by orthogonal matching pursuit.
 
     ``k``: atoms per target at most; ``pool``: each target is pursued among its ``pool`` atoms of
     largest screening score (``how``, see :func:`screen`; 0, or ``pool >= N``: among all atoms,
-    exact OMP); ``batch``:
-    targets at a time (memory ``~batch * pool * (pool + k)`` floats, or ``batch * N`` floats
-    when exact).  Runs on the tensors' device, in float64 for float64 input, else float32.
+    exact OMP); ``batch``: targets at a time (memory per CPU thread ``~batch * (N + pool *
+    (pool + k))`` floats).  ``ids``: code only ``targets[ids]`` (gathered a batch at a time);
+    ``on_batch(n)`` is called as each batch of ``n`` targets is done.  Runs on the tensors'
+    device, in float64 for float64 input, else float32; on a CPU, whole batches run in parallel
+    on single threads.
 
     Returns ``(indices [M, k'], coefficients [M, k'])``, ``k' = min(k, pool or N)``: chosen atoms
     in the order chosen, then -1 / 0 for unused slots; ``targets[i] ~= sum_j coefficients[i, j] *
     atoms[indices[i, j]]`` over the used slots.
     """
     dtype = _work_dtype(targets)
-    count, size = targets.shape[0], atoms.shape[0]
+    count, size = (targets.shape[0] if ids is None else len(ids)), atoms.shape[0]
     exact = pool <= 0 or pool >= size
     width = min(k, size if exact else pool)
     indices = torch.full((count, width), -1, dtype=torch.int64, device=targets.device)
@@ -285,14 +292,34 @@ def batch_omp(targets: torch.Tensor, atoms: torch.Tensor, k: int, pool: int = 25
         return indices, coefficients
     atoms = atoms.to(dtype)
     norms2 = (atoms * atoms).sum(dim=1) if exact else None
-    buffers = _Buffers(min(batch, count), size, pool, width, atoms.shape[1], dtype, targets.device, exact)
-    for begin in range(0, count, batch):
-        block = targets[begin:begin + batch].to(dtype)
+    starts = range(0, count, batch)
+    workers = min(torch.get_num_threads(), len(starts)) if targets.device.type == "cpu" and not exact else 1
+    spare = queue.SimpleQueue()  # one set of buffers per worker
+    for _ in range(workers):
+        spare.put(_Buffers(min(batch, count), size, pool, width, atoms.shape[1], dtype, targets.device, exact))
+
+    def code(begin: int) -> None:
+        buffers = spare.get()
+        block = targets[begin:begin + batch] if ids is None else targets[ids[begin:begin + batch]]
+        block = block.to(dtype)
         if exact:
             found = _exact_codes(block, atoms, norms2, k, buffers)
+        elif workers > 1:
+            with _one_thread(targets.device):
+                found = _pool_codes(block, atoms, k, pool, how, buffers)
         else:
             found = _pool_codes(block, atoms, k, pool, how, buffers)
         indices[begin:begin + batch], coefficients[begin:begin + batch] = found
+        spare.put(buffers)
+        if on_batch is not None:
+            on_batch(len(block))
+
+    if workers == 1:
+        for begin in starts:
+            code(begin)
+    else:  # on a CPU, whole batches in parallel, each on one thread: no per-op thread handoffs
+        with ThreadPoolExecutor(workers) as executor:
+            list(executor.map(code, starts))
     return indices, coefficients
 
 
@@ -302,12 +329,14 @@ def combine_atoms(indices: torch.Tensor, coefficients: torch.Tensor, rows: torch
 
     ``indices``/``coefficients [M, k]``, ``rows [N, d]`` -> ``[M, d]`` in ``rows``' dtype.
     """
-    out = torch.zeros((indices.shape[0], rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    for begin in range(0, indices.shape[0], batch):
+    count, width = indices.shape
+    out = torch.zeros((count, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    picked = torch.empty((min(batch, count) * width, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    for begin in range(0, count, batch):
         ids = indices[begin:begin + batch].to(torch.int64)
         weights = torch.where(ids >= 0, coefficients[begin:begin + batch].to(rows.dtype), 0)
-        picked = rows[ids.clamp(min=0)]  # [b, k, d]
-        out[begin:begin + batch] = torch.bmm(weights.unsqueeze(1), picked).squeeze(1)
+        block = torch.index_select(rows, 0, ids.clamp(min=0).reshape(-1), out=picked[:ids.numel()])
+        out[begin:begin + batch] = torch.bmm(weights.unsqueeze(1), block.view(len(ids), width, -1)).squeeze(1)
     return out
 
 
@@ -317,7 +346,7 @@ class OmpConfig:
     k: int = 64  # overlapping tokens (atoms) per new token, at most
     pool: int = 256  # candidates per new token, chosen by screening; 0 = all overlapping tokens (exact OMP, slow)
     screen_rank: int = 32  # principal directions of the donor rows left out when screening; 0 = raw correlations
-    batch: int = 256  # new tokens pursued at a time; memory ~ batch * pool * (pool + k) floats
+    batch: int = 256  # new tokens pursued at a time; memory per CPU thread ~ batch * (N + pool * (pool + k)) floats
 
 
 @dataclass
@@ -330,6 +359,9 @@ class OmpState:
     donor_output: torch.Tensor | None = None  # an untied donor's output head, coded chunk by chunk
     output_atoms: torch.Tensor | None = None  # its overlapping rows
     output_screen: Screen | None = None
+
+    def __post_init__(self):
+        self.source_names = self.overlap_source.tolist()  # Python ints for the provenance lists
 
 
 def prepare_omp(context: TransplantContext, config: OmpConfig) -> OmpState:
@@ -353,8 +385,9 @@ def prepare_omp(context: TransplantContext, config: OmpConfig) -> OmpState:
     state.codes["input"] = _code_rows(input_rows, state.new_ids, atoms, _screen_for(atoms, config), config,
                                       context.progress)
     del input_rows, atoms
-    if output_rows is None:  # a tied donor codes output rows in the same rows: the same codes
+    if output_rows is None or context.source_tied:  # tied donor, or no output rows to build: same codes
         state.codes["output"] = state.codes["input"]
+        del output_rows
     else:  # coded chunk by chunk, only if the pipeline asks for output rows (an untied source)
         state.donor_output = output_rows
         state.output_atoms = output_rows[context.overlap_target]
@@ -369,19 +402,11 @@ def _screen_for(atoms: torch.Tensor, config: OmpConfig) -> Screen | None:
 
 def _code_rows(rows: torch.Tensor, ids: torch.Tensor, atoms: torch.Tensor, how: Screen | None, config: OmpConfig,
                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of ``rows[ids]`` in ``atoms``, gathered a slice at a time; kept as int32 / float32 on the CPU."""
-    width = min(config.k, atoms.shape[0] if config.pool == 0 else min(config.pool, atoms.shape[0]))
-    indices = torch.empty((len(ids), width), dtype=torch.int32)
-    coefficients = torch.empty((len(ids), width), dtype=torch.float32)
+    """Codes of ``rows[ids]`` in ``atoms``, kept as int32 / float32 on the CPU."""
     bar = tqdm(total=len(ids), desc="omp: donor codes", unit="tok", mininterval=1.0, disable=not progress)
-    step = 16 * config.batch
-    for begin in range(0, len(ids), step):
-        found = batch_omp(rows[ids[begin:begin + step]], atoms, config.k, config.pool, config.batch, how)
-        indices[begin:begin + step] = found[0].to("cpu", torch.int32)
-        coefficients[begin:begin + step] = found[1].to("cpu", torch.float32)
-        bar.update(len(found[0]))
+    indices, coefficients = batch_omp(rows, atoms, config.k, config.pool, config.batch, how, ids, bar.update)
     bar.close()
-    return indices, coefficients
+    return indices.to("cpu", torch.int32), coefficients.to("cpu", torch.float32)
 
 
 def _chunk_codes(state: OmpState, matrix: str, ids: torch.Tensor, config: OmpConfig):
@@ -407,6 +432,7 @@ def omp(inputs: MethodInputs, config: OmpConfig) -> MethodResult:
     fallback = [n == 0 for n in used]
     if any(fallback):
         rows[torch.tensor(fallback)] = inputs.source_rows.mean(dim=0)
-    all_ids, all_weights = source_ids.tolist(), coefficients.tolist()
-    return MethodResult(rows, [a[:n] for a, n in zip(all_ids, used)], [w[:n] for w, n in zip(all_weights, used)],
-                        fallback)
+    # provenance: one shared int object per source id (a 200k-token transplant lists 13M of them)
+    names = state.source_names
+    source_lists = [[names[j] for j in row[:n]] for row, n in zip(indices.tolist(), used)]
+    return MethodResult(rows, source_lists, [w[:n] for w, n in zip(coefficients.tolist(), used)], fallback)

@@ -40,6 +40,7 @@ class TransplantContext:
     new_tokens: list[TokenInfo]  # every token the method initialises, in target-id order
     seed: int
     progress: bool = False
+    source_tied: bool = True  # only input rows are built (the output head is the same matrix)
 
 
 @dataclass
