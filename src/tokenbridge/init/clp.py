@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import TokenbridgeError
-from .combine import Combination, apply_combination
+from .combine import Combination, apply_combination, combine_over_overlap
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
 from .sparse import cosine_sparsemax, cosine_topk, normalize_nonnegative
 
@@ -56,19 +55,6 @@ class ClpConfig:
     k: int = 10  # overlapping tokens per new token with weighting=topk
 
 
-def combination_from_weights(new_ids: list[int], positions: torch.Tensor, weights: torch.Tensor,
-                             overlap_source: torch.Tensor) -> Combination:
-    """A :class:`Combination` mapping ``new_ids[i]`` to the source ids of its kept overlap positions."""
-    combination = Combination()
-    source_ids = overlap_source[positions.clamp(min=0)]
-    keep = (positions >= 0) & (weights > 0)
-    for target_id, ids, w, mask in zip(new_ids, source_ids.tolist(), weights.tolist(), keep.tolist()):
-        kept = [(i, x) for i, x, m in zip(ids, w, mask) if m]
-        if kept:
-            combination.add(target_id, [i for i, _ in kept], [x for _, x in kept])
-    return combination
-
-
 def prepare_clp(context: TransplantContext, config: ClpConfig) -> Combination:
     from .resources import load_vocab_matrices
 
@@ -83,19 +69,9 @@ def prepare_clp(context: TransplantContext, config: ClpConfig) -> Combination:
     # a new token whose helper row is all zeros has no neighbours: it is left to the subword fallback
     candidates = torch.tensor([t.id for t in context.new_tokens], dtype=torch.int64)
     new_ids = candidates[helper[candidates].ne(0).any(dim=1)].tolist() if len(candidates) else []
-    combination = Combination()
-    bar = tqdm(total=len(new_ids), desc="clp: helper neighbours", unit="tok", mininterval=1.0,
-               disable=not context.progress or not new_ids)
-    step = 16 * CHUNK  # bounds the per-step tensors; clp_weights itself works CHUNK rows at a time
-    for begin in range(0, len(new_ids), step):
-        ids = new_ids[begin:begin + step]
-        positions, weights = clp_weights(helper[ids], keys, config.weighting, config.k)
-        part = combination_from_weights(ids, positions, weights, context.overlap_source)
-        combination.ids.update(part.ids)
-        combination.weights.update(part.weights)
-        bar.update(len(ids))
-    bar.close()
-    return combination
+    # clp_weights itself works CHUNK rows at a time; a step bounds the per-step tensors
+    return combine_over_overlap(new_ids, lambda ids: clp_weights(helper[ids], keys, config.weighting, config.k),
+                                context.overlap_source, "clp: helper neighbours", context.progress, 16 * CHUNK)
 
 
 @register("clp", ClpConfig, "weighted source rows of the overlapping tokens most similar in a helper model "

@@ -10,6 +10,10 @@ Tokens the combination does not cover get the ``subword`` rows and are labelled 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
 
 from .registry import MethodInputs, MethodResult
 from .subword import combine_rows, piece_weights
@@ -33,6 +37,36 @@ class Combination:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def combination_from_weights(new_ids: list[int], positions: torch.Tensor, weights: torch.Tensor,
+                             overlap_source: torch.Tensor) -> Combination:
+    """``new_ids[i]`` -> the source ids of its overlap ``positions[i]`` (-1 = unused) with positive weight."""
+    combination = Combination()
+    source_ids = overlap_source[positions.clamp(min=0)]
+    keep = (positions >= 0) & (weights > 0)
+    for target_id, ids, w, mask in zip(new_ids, source_ids.tolist(), weights.tolist(), keep.tolist()):
+        kept = [(i, x) for i, x, m in zip(ids, w, mask) if m]
+        if kept:
+            combination.add(target_id, [i for i, _ in kept], [x for _, x in kept])
+    return combination
+
+
+def combine_over_overlap(new_ids: list[int], weigh: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+                         overlap_source: torch.Tensor, desc: str, progress: bool, step: int) -> Combination:
+    """A :class:`Combination` from ``weigh(ids) -> (overlap positions [n, m], weights [n, m])``, ``step``
+    new tokens at a time (bounding the per-step tensors), with a progress bar."""
+    combination = Combination()
+    bar = tqdm(total=len(new_ids), desc=desc, unit="tok", mininterval=1.0, disable=not progress or not new_ids)
+    for begin in range(0, len(new_ids), step):
+        ids = new_ids[begin:begin + step]
+        positions, weights = weigh(ids)
+        part = combination_from_weights(ids, positions, weights, overlap_source)
+        combination.ids.update(part.ids)
+        combination.weights.update(part.weights)
+        bar.update(len(ids))
+    bar.close()
+    return combination
 
 
 def apply_combination(inputs: MethodInputs, combination: Combination, method: str) -> MethodResult:

@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import TokenbridgeError
-from .clp import CHUNK, combination_from_weights
-from .combine import Combination, apply_combination
+from .clp import CHUNK
+from .combine import Combination, apply_combination, combine_over_overlap
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
 from .sparse import cosine_sparsemax
 
@@ -91,19 +90,8 @@ def prepare_focus(context: TransplantContext, config: FocusConfig) -> Combinatio
     keys = aux[[row_of[t] for t, _ in overlap]]
     overlap_source = torch.tensor([s for _, s in overlap], dtype=torch.int64)
     new_ids = [t.id for t in context.new_tokens if t.id in row_of]
-    combination = Combination()
-    bar = tqdm(total=len(new_ids), desc="focus: auxiliary neighbours", unit="tok", mininterval=1.0,
-               disable=not context.progress or not new_ids)
-    step = 16 * CHUNK
-    for begin in range(0, len(new_ids), step):
-        ids = new_ids[begin:begin + step]
-        positions, weights = focus_weights(aux[[row_of[i] for i in ids]], keys)
-        part = combination_from_weights(ids, positions, weights, overlap_source)
-        combination.ids.update(part.ids)
-        combination.weights.update(part.weights)
-        bar.update(len(ids))
-    bar.close()
-    return combination
+    return combine_over_overlap(new_ids, lambda ids: focus_weights(aux[[row_of[i] for i in ids]], keys),
+                                overlap_source, "focus: auxiliary neighbours", context.progress, 16 * CHUNK)
 
 
 @register("focus", FocusConfig, "sparsemax-weighted source rows of the overlapping tokens nearest in static "
