@@ -297,7 +297,7 @@ def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) 
 def section(reports: list[dict], command: str, started: str) -> str:
     from tokenbridge.measure.compare import report_markdown
 
-    lines = ["## Transplant quality and cost against mergekit-tokensurgeon (issue 3)", "",
+    lines = ["## Transplant quality and cost against mergekit-tokensurgeon (issues 3 and 4)", "",
              f"Command: `{command}`  ", f"Date: {started}  ", f"Machine: {machine()}", ""]
     for report in reports:
         body = report_markdown(report).split("\n", 2)[2]  # drop the report's own title
