@@ -262,8 +262,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     source_vocab: Vocabulary = vocabulary(source_tokenizer)
     target_vocab: Vocabulary = vocabulary(target_tok)
 
-    stored_input = checkpoint.read(names.input[0])
-    source_rows = stored_input.shape[0]
+    source_rows = checkpoint.tensors[names.input[0]].shape[0]
     if len(source_vocab) > source_rows:
         raise TokenbridgeError(
             f"{model_dir}: the tokenizer has {len(source_vocab)} tokens but the embeddings only {source_rows} rows"
@@ -282,6 +281,8 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
             [target_vocab.tokens[i] for i in alignment.new], seed, progress, tied or not names.output)
         prepared = chosen.prepare(context, config)
     builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
+    # Read after ``prepare``: a method's own working memory (donor matrices, corpora) is gone by then.
+    stored_input = checkpoint.read(names.input[0])
 
     new_input, input_provenance = builder.build(stored_input, "input")
     del stored_input

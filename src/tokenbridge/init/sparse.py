@@ -121,7 +121,8 @@ def unit_rows(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def cosine_blocks(queries: Tensor, keys: Tensor, chunk: int = 1024) -> Iterator[tuple[int, Tensor]]:
+def cosine_blocks(queries: Tensor, keys: Tensor, chunk: int = 1024, unit: bool = False
+                  ) -> Iterator[tuple[int, Tensor]]:
     """Cosine similarities of ``queries [B, d]`` to ``keys [N, d]``, ``chunk`` query rows at a time.
 
     Yields ``(begin, scores [min(chunk, B - begin), N])``.  An all-zero row has similarity 0
@@ -131,23 +132,25 @@ def cosine_blocks(queries: Tensor, keys: Tensor, chunk: int = 1024) -> Iterator[
     if queries.shape[-1] != keys.shape[-1]:
         raise ValueError(f"queries have {queries.shape[-1]} dimensions, keys {keys.shape[-1]}")
     chunk = max(int(chunk), 1)
-    unit_keys_t = unit_rows(keys).T.contiguous()
+    unit_keys_t = (keys if unit else unit_rows(keys)).T  # mm reads the transpose in place: no copy
     buffer = torch.empty((min(chunk, queries.shape[0]), keys.shape[0]), dtype=torch.float32)
     for begin in range(0, queries.shape[0], chunk):
-        block = unit_rows(queries[begin:begin + chunk])
+        block = queries[begin:begin + chunk] if unit else unit_rows(queries[begin:begin + chunk])
         yield begin, torch.mm(block, unit_keys_t, out=buffer[:block.shape[0]])
 
 
-def cosine_topk(queries: Tensor, keys: Tensor, k: int, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def cosine_topk(queries: Tensor, keys: Tensor, k: int, chunk: int = 1024, unit: bool = False
+                ) -> tuple[Tensor, Tensor]:
     """The ``k`` keys most cosine-similar to each query.
 
     ``queries [B, d]``, ``keys [N, d]`` -> ``(values [B, k'], indices [B, k'])``, ``k' = min(k, N)``,
-    most similar first.  Memory: one ``chunk x N`` score block at a time.
+    most similar first.  Memory: one ``chunk x N`` score block at a time.  ``unit``: the rows are
+    already unit length (or zero), so they are used as they are, without a normalised copy.
     """
     k = min(int(k), keys.shape[0])
     values = torch.empty((queries.shape[0], k), dtype=torch.float32)
     indices = torch.empty((queries.shape[0], k), dtype=torch.int64)
-    for begin, block in cosine_blocks(queries, keys, chunk):
+    for begin, block in cosine_blocks(queries, keys, chunk, unit):
         v, i = block.topk(k, dim=-1, sorted=True)
         values[begin:begin + block.shape[0]] = v
         indices[begin:begin + block.shape[0]] = i

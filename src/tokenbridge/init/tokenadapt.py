@@ -46,7 +46,12 @@ from .registry import MethodInputs, MethodResult, TransplantContext, register, r
 from .sparse import cosine_topk
 
 CHUNK = 512  # new tokens weighted at a time (bounds the ``chunk x pieces x aux dim`` piece block)
-SEARCH_CHUNK = 1024  # queries per ``chunk x V_source`` similarity block of the neighbour search
+SEARCH_CHUNK = 1024  # queries per ``chunk x V_source`` similarity block of the neighbour search ...
+SEARCH_BLOCK = 1 << 25  # ... at most this many similarities (128 MB) in one block
+
+
+def search_chunk(keys: int) -> int:
+    return max(1, min(SEARCH_CHUNK, SEARCH_BLOCK // max(1, keys)))
 
 
 def masked_softmax(scores: Tensor, present: Tensor) -> Tensor:
@@ -187,8 +192,6 @@ def prepare_tokenadapt(context: TransplantContext, config: TokenAdaptConfig) -> 
     source_row[key_ids] = key_rows
     keys = vectors[key_rows]
     target_rows = where[len(source_seen):]
-    zero = vectors.new_zeros((1, vectors.shape[1]))
-    table = torch.cat([vectors, zero])  # row -1 -> the zero row (similarity 0)
 
     source_chars = torch.tensor([char_length(t.bytes) for t in context.source.tokens], dtype=torch.float32)
 
@@ -196,7 +199,8 @@ def prepare_tokenadapt(context: TransplantContext, config: TokenAdaptConfig) -> 
     use_global = config.global_weight > 0 and keys.shape[0] > 0
     if use_global:
         distinct, inverse = torch.unique(target_rows, return_inverse=True)
-        distinct_similarities, distinct_neighbours = cosine_topk(vectors[distinct], keys, config.top_k, SEARCH_CHUNK)
+        distinct_similarities, distinct_neighbours = cosine_topk(vectors[distinct], keys, config.top_k,
+                                                                    search_chunk(keys.shape[0]), unit=True)
         del distinct
 
     combination = Combination()
@@ -213,7 +217,8 @@ def prepare_tokenadapt(context: TransplantContext, config: TokenAdaptConfig) -> 
                 piece_present[n, :len(ids)] = True
         piece_lengths = source_chars[piece_ids] * piece_present
         token_lengths = torch.tensor([char_length(t.bytes) for t, _ in chunk], dtype=torch.float32)
-        piece_vectors = table[source_row[piece_ids]]
+        rows = source_row[piece_ids]  # -1: no auxiliary row -> a zero vector (similarity 0)
+        piece_vectors = vectors[rows.clamp(min=0)] * (rows >= 0).unsqueeze(-1)
         if use_global:
             at = inverse[begin:begin + CHUNK]
             similarities = distinct_similarities[at]
