@@ -7,14 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import (
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 CHAT_TEMPLATE_IM = (
@@ -124,14 +117,7 @@ def make_wordpiece(directory: Path, vocab_size: int = 400, lang: str = "en"):
 
 def tiny_config(family: str, vocab_size: int, tokenizer):
     """A tiny config of ``family`` whose dimensions never equal the vocabulary size."""
-    from transformers import (
-        BertConfig,
-        Gemma3TextConfig,
-        GPT2Config,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-    )
+    from transformers import BertConfig, GPT2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)

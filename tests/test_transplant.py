@@ -250,7 +250,7 @@ def test_random_method_statistics(models_dir, tok_dirs, tmp_path):
 
 def test_multi_shard_checkpoint(tok_dirs, tmp_path):
     """Sharded sources are written shard by shard with a matching index."""
-    from conftest import load_lm, make_model
+    from conftest import make_model, load_lm
     from transformers import AutoModelForCausalLM
 
     single = make_model(tmp_path / "single", "qwen2", tok_dirs["byte_level"])
@@ -319,14 +319,7 @@ def test_gemma_embed_scale_is_recorded(models_dir, tok_dirs, tmp_path):
 def test_unigram_with_byte_fallback(tmp_path):
     """SentencePiece Unigram (T5 / XLM-R style) with <0xNN> byte fallback: bytes, encoder and self-transplant."""
     from conftest import lines, make_model, save_tokenizer, wrap
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     trainer_tok = Tokenizer(models.Unigram())
     trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
