@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .registry import MethodInputs, MethodResult
-from .subword import combine_rows, piece_weights
+from .subword import combine_rows, fill_mean, subword_pieces
 
 
 @dataclass
@@ -71,6 +71,8 @@ def combine_over_overlap(new_ids: list[int], weigh: Callable[[list[int]], tuple[
 
 def apply_combination(inputs: MethodInputs, combination: Combination, method: str) -> MethodResult:
     """Rows for ``inputs.new_tokens``; tokens outside ``combination`` fall back to ``subword``."""
+    outside = [info for info in inputs.new_tokens if info.id not in combination.ids]
+    pieces = dict(zip((info.id for info in outside), zip(*subword_pieces(outside, inputs.source_encoder))))
     ids, weights, how, fallback = [], [], [], []
     for info in inputs.new_tokens:
         if info.id in combination.ids:
@@ -78,22 +80,11 @@ def apply_combination(inputs: MethodInputs, combination: Combination, method: st
             weights.append(combination.weights[info.id])
             how.append(combination.how.get(info.id, method))
             fallback.append(False)
-            continue
-        pieces = inputs.source_encoder.encode(info.bytes)
-        if pieces:
-            ids.append(pieces)
-            weights.append(piece_weights(len(pieces), 1.0))
-            how.append(f"{method}:fallback:subword")
-            fallback.append(False)
         else:
-            ids.append([])
-            weights.append([])
-            how.append("fallback:mean")
-            fallback.append(True)
-    rows = combine_rows(inputs.source_rows, ids, weights)
-    if any(fallback):
-        mean = inputs.source_rows.mean(dim=0)
-        for i, missed in enumerate(fallback):
-            if missed:
-                rows[i] = mean
+            piece_ids, piece_w, missing = pieces[info.id]
+            ids.append(piece_ids)
+            weights.append(piece_w)
+            how.append("fallback:mean" if missing else f"{method}:fallback:subword")
+            fallback.append(missing)
+    rows = fill_mean(combine_rows(inputs.source_rows, ids, weights), inputs.source_rows, fallback)
     return MethodResult(rows, ids, weights, fallback, how)

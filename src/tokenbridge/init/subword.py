@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..align.encode import ByteEncoder
+from ..align.token_bytes import TokenInfo
 from .mean import mean_rows
 from .registry import MethodInputs, MethodResult, register
 
@@ -46,24 +48,31 @@ class SubwordConfig:
     output_first_piece_weight: float = 1.0  # weight of the first piece relative to the others, output rows only
 
 
+def subword_pieces(tokens: list[TokenInfo], encoder: ByteEncoder, first_weight: float = 1.0
+                   ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Per token: the source pieces of its exact bytes, their weights, and whether it has none."""
+    ids, weights, missing = [], [], []
+    for info in tokens:
+        pieces = encoder.encode(info.bytes)
+        ids.append(pieces or [])
+        weights.append(piece_weights(len(pieces), first_weight) if pieces else [])
+        missing.append(not pieces)
+    return ids, weights, missing
+
+
+def fill_mean(rows: torch.Tensor, source: torch.Tensor, missing: list[bool]) -> torch.Tensor:
+    """``rows[i]`` = the mean source row wherever ``missing[i]`` (in place; returns ``rows``)."""
+    if any(missing):
+        mean = mean_rows(source, 1)[0]
+        for i, missed in enumerate(missing):
+            if missed:
+                rows[i] = mean
+    return rows
+
+
 @register("subword", SubwordConfig, "mean of the source pieces of the token's bytes (FVT / ReTok)")
 def subword(inputs: MethodInputs, config: SubwordConfig) -> MethodResult:
     first = config.output_first_piece_weight if inputs.matrix == "output" else 1.0
-    ids, weights, fallback = [], [], []
-    for info in inputs.new_tokens:
-        pieces = inputs.source_encoder.encode(info.bytes)
-        if not pieces:
-            ids.append([])
-            weights.append([])
-            fallback.append(True)
-            continue
-        ids.append(pieces)
-        weights.append(piece_weights(len(pieces), first))
-        fallback.append(False)
-    rows = combine_rows(inputs.source_rows, ids, weights)
-    if any(fallback):
-        mean = mean_rows(inputs.source_rows, 1)[0]
-        for i, missed in enumerate(fallback):
-            if missed:
-                rows[i] = mean
+    ids, weights, fallback = subword_pieces(inputs.new_tokens, inputs.source_encoder, first)
+    rows = fill_mean(combine_rows(inputs.source_rows, ids, weights), inputs.source_rows, fallback)
     return MethodResult(rows, ids, weights, fallback)
