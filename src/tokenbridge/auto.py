@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import TokenbridgeError
 from .init.registry import available_methods, make_config, required_resources
 from .init.resources import read_text_files
+from .measure.texts import read_text
 
 MIN_HOLDOUT = 1024
 
@@ -36,11 +37,7 @@ class AutoMethodConfig:
 
 def split_text(paths: list[Path], holdout: int) -> tuple[bytes, bytes]:
     """(training part, held-out part) of the files' concatenation; the cut falls on a character boundary."""
-    data = b"\n".join(path.read_bytes() for path in paths)
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise TokenbridgeError(f"text: not UTF-8 (byte {error.start})") from None
+    data = "\n".join(read_text(path) for path in paths).encode("utf-8")
     if len(data) < 2 * MIN_HOLDOUT:
         raise TokenbridgeError(f"text: {len(data)} bytes is too little to hold out a scoring slice "
                                f"(need at least {2 * MIN_HOLDOUT})")

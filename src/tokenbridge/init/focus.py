@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TokenbridgeError
+from ..measure.texts import read_text
 from .clp import CHUNK
 from .combine import Combination, apply_combination, combine_over_overlap
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
@@ -55,11 +56,7 @@ def tokenized_lines(paths, tokenizer) -> list[list[str]]:
     """Every non-blank line of ``paths`` as target token ids written as strings."""
     sequences: list[list[str]] = []
     for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise TokenbridgeError(f"focus corpus {path}: cannot read it as UTF-8 text ({error})") from None
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
         for begin in range(0, len(lines), TOKENIZE_BATCH):
             encoded = tokenizer(lines[begin:begin + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
             sequences.extend([str(i) for i in ids] for ids in encoded if ids)

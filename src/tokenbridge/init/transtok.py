@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..align.token_bytes import TokenInfo
 from ..errors import TokenbridgeError
+from ..measure.texts import read_text
 from .combine import Combination, apply_combination
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
 from .resources import read_text_files
@@ -144,11 +145,7 @@ def read_parallel(source_spec: str, target_spec: str) -> tuple[list[str], list[s
         paths = read_text_files(spec, what)
         out: list[str] = []
         for path in paths:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise TokenbridgeError(f"{what} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-            rows = text.split("\n")
+            rows = read_text(path).split("\n")
             if rows and rows[-1] == "":
                 rows.pop()
             out.extend(row.rstrip("\r") for row in rows)
