@@ -36,10 +36,7 @@ def _source_tokens(record: dict) -> list[str] | None:
     return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
-def _target_ids(out: Path, token: str, by_id: bool) -> list[int]:
-    from .load.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(out)
+def _target_ids(tokenizer, token: str, by_id: bool) -> list[int]:
     if by_id:
         try:
             ids = [int(part) for part in token.split(",")]
@@ -62,10 +59,11 @@ def explain(out, token: str, by_id: bool = False) -> list[dict]:
     """One entry per target token: its id, token, and for each matrix how its row was made."""
     out = Path(out)
     record = load_record(out)
-    ids = _target_ids(out, token, by_id)
     from .load.tokenizer import load_tokenizer
 
-    target_tokens = load_tokenizer(out).convert_ids_to_tokens(ids)
+    target_tokenizer = load_tokenizer(out)
+    ids = _target_ids(target_tokenizer, token, by_id)
+    target_tokens = target_tokenizer.convert_ids_to_tokens(ids)
     source_tokens = _source_tokens(record)
     copied = {t: s for t, s in record["copied"]}
     specials = {s["target_id"]: s for s in record["specials"]}

@@ -109,10 +109,6 @@ def required_resources(method: Method) -> list[str]:
             if f.metadata.get("resource") and f.metadata.get("required")]
 
 
-def resource_fields(method: Method) -> list[str]:
-    return [f.name for f in dataclasses.fields(method.config_cls) if f.metadata.get("resource")]
-
-
 def check_resources(method: Method, config) -> None:
     """A clear error for every required resource that was not given."""
     missing = [name for name in required_resources(method) if not getattr(config, name)]
