@@ -121,17 +121,21 @@ def unit_rows(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+BLOCK_SCORES = 1 << 25  # at most this many similarities (128 MB) in one block, whatever ``chunk`` asks
+
+
 def cosine_blocks(queries: Tensor, keys: Tensor, chunk: int = 1024, unit: bool = False
                   ) -> Iterator[tuple[int, Tensor]]:
-    """Cosine similarities of ``queries [B, d]`` to ``keys [N, d]``, ``chunk`` query rows at a time.
+    """Cosine similarities of ``queries [B, d]`` to ``keys [N, d]``, ``chunk`` query rows at a time
+    (fewer when ``chunk x N`` would exceed ``BLOCK_SCORES``).
 
-    Yields ``(begin, scores [min(chunk, B - begin), N])``.  An all-zero row has similarity 0
+    Yields ``(begin, scores [rows, N])``.  An all-zero row has similarity 0
     to everything.  Every block is written into the same buffer (allocating a large block per
     step costs more than the product): use a block before asking for the next one.
     """
     if queries.shape[-1] != keys.shape[-1]:
         raise ValueError(f"queries have {queries.shape[-1]} dimensions, keys {keys.shape[-1]}")
-    chunk = max(int(chunk), 1)
+    chunk = max(1, min(int(chunk), BLOCK_SCORES // max(1, keys.shape[0])))
     unit_keys_t = (keys if unit else unit_rows(keys)).T  # mm reads the transpose in place: no copy
     buffer = torch.empty((min(chunk, queries.shape[0]), keys.shape[0]), dtype=torch.float32)
     for begin in range(0, queries.shape[0], chunk):

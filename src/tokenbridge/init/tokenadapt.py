@@ -46,12 +46,6 @@ from .registry import MethodInputs, MethodResult, TransplantContext, register, r
 from .sparse import cosine_topk
 
 CHUNK = 512  # new tokens weighted at a time (bounds the ``chunk x pieces x aux dim`` piece block)
-SEARCH_CHUNK = 1024  # queries per ``chunk x V_source`` similarity block of the neighbour search ...
-SEARCH_BLOCK = 1 << 25  # ... at most this many similarities (128 MB) in one block
-
-
-def search_chunk(keys: int) -> int:
-    return max(1, min(SEARCH_CHUNK, SEARCH_BLOCK // max(1, keys)))
 
 
 def masked_softmax(scores: Tensor, present: Tensor) -> Tensor:
@@ -199,8 +193,7 @@ def prepare_tokenadapt(context: TransplantContext, config: TokenAdaptConfig) -> 
     use_global = config.global_weight > 0 and keys.shape[0] > 0
     if use_global:
         distinct, inverse = torch.unique(target_rows, return_inverse=True)
-        distinct_similarities, distinct_neighbours = cosine_topk(vectors[distinct], keys, config.top_k,
-                                                                    search_chunk(keys.shape[0]), unit=True)
+        distinct_similarities, distinct_neighbours = cosine_topk(vectors[distinct], keys, config.top_k, unit=True)
         del distinct
 
     combination = Combination()
