@@ -133,3 +133,7 @@ def test_vectors_command(tmp_path, capsys):
     assert vectors.vectors.shape == (len(vectors.words), 16)
     code, _, err = run(capsys, "vectors", "--text", text, "--out", out)
     assert code == 2 and "--force" in err
+    gz = tmp_path / "de.vec.gz"
+    assert run(capsys, "vectors", "--text", text, "--out", gz, "--dim", "4", "--epochs", "1", "--quiet")[0] == 0
+    assert gz.read_bytes()[:2] == b"\x1f\x8b" and read_vectors(gz).vectors.shape[1] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["de.txt", "de.vec", "de.vec.gz"]

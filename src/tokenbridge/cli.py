@@ -175,18 +175,19 @@ def cmd_vectors(args) -> int:
 
     from .init.static_vectors import split_words, train_vectors, write_vectors
     from .measure.texts import read_text
-    from .write.output_dir import check_output
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise TokenbridgeError(f"{out}: exists (pass --force to replace it)")
-    check_output(out.parent, True)
     sequences = [words for path in args.text for words in split_words(read_text(Path(path)))]
     vectors = train_vectors(sequences, dim=args.dim, window=args.window, epochs=args.epochs,
                             min_count=args.min_count, seed=args.seed, progress=not args.quiet)
-    tmp = out.with_name(f".{out.name}.tmp")
-    write_vectors(tmp, vectors)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # same suffix: a .gz output is written gzipped
+    try:
+        write_vectors(tmp, vectors)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({"out": str(out), "words": len(vectors.words), "dim": args.dim}))
     else:
