@@ -203,6 +203,44 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _weights(args) -> list[float] | None:
+    if args.weights is None:
+        return None
+    if len(args.weights) != len(args.model):
+        raise TokenbridgeError(f"--weights: {len(args.weights)} given for {len(args.model)} models")
+    return args.weights
+
+
+def cmd_bytes_score(args) -> int:
+    from pathlib import Path
+
+    from .bytes.score import format_result, load_byte_lm, read, score
+
+    weights = _weights(args)
+    texts = read([Path(p) for p in args.text], args.bytes)
+    members = [load_byte_lm(path, args.prefix) for path in args.model]
+    result = score(members, texts, weights, window=args.window, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
+def cmd_bytes_generate(args) -> int:
+    from .bytes import ByteEnsemble
+    from .bytes.score import load_byte_lm
+
+    weights = _weights(args)
+    members = [load_byte_lm(path, args.prefix) for path in args.model]
+    prompt = args.prompt.encode("utf-8")
+    out = ByteEnsemble(members, weights).generate(prompt, args.max_bytes, args.temperature, args.top_p, args.seed)
+    text = out.decode("utf-8", errors="replace")
+    if args.json:
+        print(json.dumps({"models": args.model, "weights": weights, "prompt": args.prompt, "continuation": text,
+                          "bytes": len(out)}, ensure_ascii=False, indent=2))
+    else:
+        print(args.prompt + text)
+    return 0
+
+
 def _output_flags(parser, quiet: bool = True) -> None:
     """--json, --quiet (progress bars off) and --debug (tracebacks), shared by the subcommands."""
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -280,6 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _output_flags(p, quiet=False)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bytes", help="exact byte-level probabilities: score text, generate, ensemble models")
+    inner = p.add_subparsers(dest="bytes_command", required=True)
+    q = inner.add_parser("score", help="exact bits per byte of one model, or of models ensembled byte by byte")
+    q.add_argument("model", nargs="+", help="model directories, .gguf files or packaged:NAME (several: an ensemble)")
+    q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    q.add_argument("--weights", nargs="+", type=float, metavar="W", help="ensemble weights (default: equal)")
+    _window_flags(q)
+    q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
+                   help="token the text is conditioned on (auto: BOS, else EOS)")
+    _output_flags(q)
+    q.set_defaults(func=cmd_bytes_score)
+    q = inner.add_parser("generate", help="continue a prompt byte by byte (it may end mid-word)")
+    q.add_argument("model", nargs="+", help="model directories, .gguf files or packaged:NAME (several: an ensemble)")
+    q.add_argument("--prompt", required=True)
+    q.add_argument("--max-bytes", type=int, default=80)
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--weights", nargs="+", type=float, metavar="W", help="ensemble weights (default: equal)")
+    q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"])
+    _output_flags(q, quiet=False)
+    q.set_defaults(func=cmd_bytes_generate)
 
     p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
     p.add_argument("out", help="a directory written by tokenbridge transplant")

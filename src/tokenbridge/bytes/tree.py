@@ -1,0 +1,120 @@
+"""Run a causal LM over a tree of token sequences that share prefixes.
+
+Every node of the tree is one token whose context is the path from the root to
+it.  All nodes added in one call are computed in a single forward pass: each
+attends to its own ancestors only (a custom 4-D mask), at position = depth, and
+the keys and values of every node stay in one cache ("bag") so later calls
+reuse them.  The model's sliding-window layers get a mask that also drops
+ancestors further back than the window, so every node sees exactly the context
+a plain left-to-right forward over its path would give it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import TokenbridgeError
+
+
+@dataclass(eq=False)
+class TreeNode:
+    token: int
+    depth: int  # position id: 0 for the root
+    slots: np.ndarray  # cache slots of the root..self path, in order
+    parent: TreeNode | None = None
+
+
+class TokenTree:
+    """A KV cache shared by all paths of a token tree, for one model."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        config = model.config
+        self.config = config
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        layer_types = getattr(config, "layer_types", None) or []
+        window = getattr(config, "sliding_window", None)
+        if not getattr(config, "use_sliding_window", True):
+            window = None
+        # hybrid models (Gemma 3) take one mask per layer type; others one mask for every layer,
+        # windowed when the model has a window and no layer types (Mistral)
+        self.sliding = window if "sliding_attention" in layer_types else None
+        self.sliding_all = window if (window and not layer_types) else None
+        self.cache = None
+        self.size = 0  # slots used in the cache
+        self.calls = 0  # forward passes run (for measurements)
+        self.tokens = 0  # tokens run through the model
+
+    def reset(self) -> None:
+        self.cache = None
+        self.size = 0
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()  # plain full layers: slots are never evicted
+
+    def _mask(self, queries: list[TreeNode], window: int | None) -> torch.Tensor:
+        total = self.size + len(queries)
+        mask = torch.full((len(queries), total), torch.finfo(self.dtype).min, dtype=self.dtype)
+        for row, node in enumerate(queries):
+            slots = node.slots
+            if window is not None and len(slots) > window:
+                slots = slots[-window:]  # depth(q) - depth(k) < window
+            mask[row, torch.from_numpy(slots)] = 0
+        return mask[None, None].to(self.device)
+
+    def extend(self, items: list[tuple[TreeNode | int | None, int]]) -> tuple[list[TreeNode], torch.Tensor]:
+        """Add children ``(parent, token)``; return the nodes and their last hidden states.
+
+        ``parent`` is a node from an earlier call, the index of an earlier item of this
+        call, or None for a new root.
+        """
+        nodes: list[TreeNode] = []
+        for offset, (parent, token) in enumerate(items):
+            slot = self.size + offset
+            if isinstance(parent, int):
+                parent = nodes[parent]
+            if parent is None:
+                node = TreeNode(int(token), 0, np.array([slot], dtype=np.int64))
+            else:
+                node = TreeNode(int(token), parent.depth + 1, np.append(parent.slots, slot), parent)
+            if self.context is not None and node.depth >= self.context:
+                raise TokenbridgeError(
+                    f"the context reached {node.depth + 1} tokens, more than the model's {self.context}; "
+                    "use a smaller window")
+            nodes.append(node)
+        if not nodes:
+            return nodes, torch.empty(0)
+        if self.cache is None:
+            self.cache = self._new_cache()
+        ids = torch.tensor([[n.token for n in nodes]], device=self.device)
+        positions = torch.tensor([[n.depth for n in nodes]], device=self.device)
+        full = self._mask(nodes, self.sliding_all)
+        if self.sliding is not None:
+            mask = {"full_attention": full, "sliding_attention": self._mask(nodes, self.sliding)}
+        else:
+            mask = full
+        cache_position = torch.arange(self.size, self.size + len(nodes), device=self.device)
+        with torch.inference_mode():
+            body = self.model.model if hasattr(self.model, "model") else self.model.transformer
+            out = body(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                       use_cache=True, cache_position=cache_position)
+        self.size += len(nodes)
+        self.calls += 1
+        self.tokens += len(nodes)
+        return nodes, out.last_hidden_state[0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output logits (float64) of hidden states, with the model's final soft-capping if it has one."""
+        with torch.inference_mode():
+            logits = self.model.get_output_embeddings()(hidden)
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return logits.double()
