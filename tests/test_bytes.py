@@ -10,6 +10,7 @@ computed by a plain forward pass.
 from __future__ import annotations
 
 import functools
+import json
 import itertools
 import math
 
@@ -299,3 +300,38 @@ def test_tree_forward_equals_plain_forward(tmp_path, family):
     assert torch.allclose(tree.head(hidden), ref_branch[25:28], atol=1e-10)
     _, hidden = tree.extend([(nodes[29], seq[30])])
     assert torch.allclose(tree.head(hidden)[0], ref[30], atol=1e-10)
+
+
+def test_cli_bytes_score_and_generate(byte_level, metaspace, tmp_path, capsys):
+    from tokenbridge.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus("en", 700, 300), encoding="utf-8")
+    model_a, model_b = str(byte_level[2]), str(metaspace[2])
+    assert main(["bytes", "score", model_a, "--text", str(text), "--window", "120", "--json", "--quiet"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["files"][0]["windows"] == 3 and math.isfinite(single["bits_per_byte"])
+    assert main(["bytes", "score", model_a, model_b, "--weights", "1", "3", "--text", str(text), "--window", "120",
+                 "--json", "--quiet"]) == 0
+    pair = json.loads(capsys.readouterr().out)
+    assert pair["weights"] == pytest.approx([0.25, 0.75])
+    assert pair["member_bits_per_byte"][0] == pytest.approx(single["bits_per_byte"], abs=1e-9)
+    assert main(["bytes", "generate", model_a, model_b, "--prompt", "The packa", "--max-bytes", "12",
+                 "--temperature", "0.7", "--seed", "1", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["bytes", "generate", model_a, model_b, "--prompt", "The packa", "--max-bytes", "12",
+                 "--temperature", "0.7", "--seed", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+
+
+def test_cli_bytes_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
+    from tokenbridge.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello there", encoding="utf-8")
+    wordpiece = make_model(tmp_path / "bert_like", "llama", make_wordpiece(tmp_path / "wp"))
+    assert main(["bytes", "score", str(wordpiece), "--text", str(text)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
+    assert error.startswith("tokenbridge: error:") and "WordPiece" in error
+    assert main(["bytes", "score", str(wordpiece), str(wordpiece), "--weights", "1", "--text", str(text)]) == 2
+    assert "--weights" in capsys.readouterr().err

@@ -122,29 +122,16 @@ class Cursor:
         self.lm._push(self, bytes(data))
 
 
-class ByteLM:
-    """A tokenized causal LM seen as a distribution over bytes, exactly.
+class CanonicalPrefixes:
+    """The canonical encodings of every prefix of a byte string, from the tokenizer alone (no model)."""
 
-    One cursor (or scoring pass) at a time: they share the model's key/value cache.
-    """
-
-    def __init__(self, model, tokenizer, prefix: str = "auto", name: str = "model"):
-        self.name = name
-        self.model = model.eval()
+    def __init__(self, tokenizer, rows: int | None = None, prefix: str = "auto"):
         self.tokenizer = tokenizer
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.canon = Canon(token_vocabulary(tokenizer), rows)
+        vocabulary = token_vocabulary(tokenizer)
+        self.canon = Canon(vocabulary, rows if rows is not None else len(vocabulary))
         self.table = SortedVocab(self.canon)
-        self.tree = TokenTree(model)
         self.prefix_id, self.prefix = prefix_token(tokenizer, prefix)
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise TokenbridgeError("the tokenizer has no EOS token, so the end of a text has no probability")
-        self.chunk = max(1, (1 << 25) // rows)  # head rows per batch (~256 MB of float64 logits)
-        self._hidden: dict[int, torch.Tensor] = {}
-        self._children: dict[int, list[_Node]] = {}
 
-    # ----- canonical prefixes (no model) ---------------------------------------------------------------------
     def _root(self) -> _Node:
         return _Node(0, State(), self.prefix_id, None)
 
@@ -210,6 +197,26 @@ class ByteLM:
             ids.append(node.token)
             node = node.parent
         return ids[::-1]
+
+
+
+class ByteLM(CanonicalPrefixes):
+    """A tokenized causal LM seen as a distribution over bytes, exactly.
+
+    One cursor (or scoring pass) at a time: they share the model's key/value cache.
+    """
+
+    def __init__(self, model, tokenizer, prefix: str = "auto", name: str = "model"):
+        super().__init__(tokenizer, model.get_output_embeddings().weight.shape[0], prefix)
+        self.name = name
+        self.model = model.eval()
+        self.tree = TokenTree(model)
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise TokenbridgeError("the tokenizer has no EOS token, so the end of a text has no probability")
+        self.chunk = max(1, (1 << 25) // self.canon.size)  # head rows per batch (~256 MB of float64 logits)
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._children: dict[int, list[_Node]] = {}
 
     # ----- the model -------------------------------------------------------------------------------------------
     def _run(self, nodes: list[_Node]) -> None:
