@@ -1,4 +1,4 @@
-# make demo: set everything up and transplant SmolLM2-135M onto the Gemma-3 tokenizer.
+# make demo: set everything up, transplant SmolLM2-135M onto the Gemma-3 tokenizer, generate byte by byte.
 # make test: set everything up and run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/tokenbridge transplant packaged:smollm2 packaged:gemma3 $(DEMO_OUT) --method subword --force
 	$(VENV)/bin/tokenbridge generate $(DEMO_OUT) --prompt "Debian is a free operating system that" --max-new-tokens 30
+	# exact byte-level generation: a prompt cut mid-word continues the word
+	$(VENV)/bin/tokenbridge bytes generate packaged:smollm2 --prompt "The capital of France is Pa" --max-bytes 24
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
