@@ -60,13 +60,18 @@ class TokenTree:
         return DynamicCache()  # plain full layers: slots are never evicted
 
     def _mask(self, queries: list[TreeNode], window: int | None) -> torch.Tensor:
+        """Each query sees its ancestors and itself: a boolean mask for SDPA (a quarter of a float mask's
+        memory), an additive one for eager attention."""
         total = self.size + len(queries)
-        mask = torch.full((len(queries), total), torch.finfo(self.dtype).min, dtype=self.dtype)
+        allowed = np.zeros((len(queries), total), dtype=bool)
         for row, node in enumerate(queries):
             slots = node.slots
             if window is not None and len(slots) > window:
                 slots = slots[-window:]  # depth(q) - depth(k) < window
-            mask[row, torch.from_numpy(slots)] = 0
+            allowed[row, slots] = True
+        mask = torch.from_numpy(allowed)
+        if self.config._attn_implementation != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, torch.finfo(self.dtype).min)
         return mask[None, None].to(self.device)
 
     def extend(self, items: list[tuple[TreeNode | int | None, int]]) -> tuple[list[TreeNode], torch.Tensor]:
