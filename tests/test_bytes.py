@@ -148,8 +148,18 @@ def metaspace(tmp_path_factory):
 
 TEXT = corpus("en", 0, 4000) + corpus("de", 0, 2000)
 ALPHABET = "ab tTs.,'\n  -äß中"
+
+
+def _text_slice(start: int, size: int) -> bytes:
+    """``size`` bytes of the corpora from a character boundary (the end may cut a character)."""
+    data = TEXT.encode()
+    while 0 < start < len(data) and data[start] & 0xC0 == 0x80:
+        start += 1
+    return data[start:start + size]
+
+
 prefixes = st.one_of(
-    st.builds(lambda start, size: TEXT.encode()[start:start + size], st.integers(0, 5000), st.integers(0, 6)),
+    st.builds(_text_slice, st.integers(0, 5000), st.integers(0, 6)),
     st.text(ALPHABET, max_size=4).map(lambda t: t.encode()).map(lambda b: b[:6]),
 )
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -240,6 +250,13 @@ def test_prompt_healing(byte_level):
     whole = lm.byte_logprobs(text)
     for cut in (11, 23, 37):
         assert lm.next_byte_logprobs(text[:cut])[text[cut]] == pytest.approx(whole[cut], abs=1e-9)
+
+
+def test_impossible_prefix_is_an_error(byte_level, metaspace):
+    """No text starts with a stray continuation byte: a clear error, not a made-up distribution."""
+    for lm, _, _ in (byte_level, metaspace):
+        with pytest.raises(TokenbridgeError, match="no canonical continuation"):
+            lm.next_byte_logprobs(b"ab\x80")
 
 
 def test_generation_reuses_the_cache(byte_level):

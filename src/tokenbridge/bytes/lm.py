@@ -319,7 +319,8 @@ class ByteLM(CanonicalPrefixes):
                 out[EOS] += math.exp(node.logp - ref) * node.eos
         total = out.sum()
         if total <= 0:
-            raise TokenbridgeError("no canonical continuation has any probability after this prefix")
+            raise TokenbridgeError("no canonical continuation has any probability after this prefix: no text the tokenizer "
+                                  "can produce starts with it (invalid UTF-8, or bytes it cannot spell)")
         with np.errstate(divide="ignore"):
             return np.log(out / total)
 
