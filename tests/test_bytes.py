@@ -252,6 +252,16 @@ def test_prompt_healing(byte_level):
         assert lm.next_byte_logprobs(text[:cut])[text[cut]] == pytest.approx(whole[cut], abs=1e-9)
 
 
+def test_a_stale_cursor_is_an_error(byte_level):
+    lm, _, _ = byte_level
+    first = lm.cursor(b"The ")
+    lm.cursor(b"A ")  # resets the shared cache
+    with pytest.raises(TokenbridgeError, match="stale"):
+        first.push(b"x")
+    with pytest.raises(TokenbridgeError, match="twice"):
+        ByteEnsemble([lm, lm])
+
+
 def test_impossible_prefix_is_an_error(byte_level, metaspace):
     """No text starts with a stray continuation byte: a clear error, not a made-up distribution."""
     for lm, _, _ in (byte_level, metaspace):

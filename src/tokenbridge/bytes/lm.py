@@ -112,6 +112,7 @@ class Cursor:
     text: bytearray = field(default_factory=bytearray)
     entries: list[_Entry] = field(default_factory=list)
     last: list[_Node] = field(default_factory=list)  # canonical encodings of the whole prefix
+    epoch: int = 0  # the model cache generation this cursor's nodes live in
 
     def distribution(self) -> np.ndarray:
         """log P(b | text) for the 256 bytes and, at index 256, the end of text."""
@@ -276,7 +277,7 @@ class ByteLM(CanonicalPrefixes):
         """A fresh cursor at the start of a text (after the prefix token), advanced over ``prefix``."""
         self.tree.reset()
         root = self._root()
-        cursor = Cursor(self, bytearray(), [_Entry(root, 0, self.table.size)], [root])
+        cursor = Cursor(self, bytearray(), [_Entry(root, 0, self.table.size)], [root], self.tree.epoch)
         self._link([root])
         self._evaluate([root])
         if prefix:
@@ -284,6 +285,9 @@ class ByteLM(CanonicalPrefixes):
         return cursor
 
     def _push(self, cursor: Cursor, data: bytes) -> None:
+        if cursor.epoch != self.tree.epoch:
+            raise TokenbridgeError("this cursor is stale: a newer cursor or scoring call on the same ByteLM reset its "
+                                   "cache (use one cursor per ByteLM at a time)")
         start = len(cursor.text)
         cursor.text.extend(data)
         entries, last, new = cursor.entries, cursor.last, []
@@ -395,6 +399,9 @@ class ByteEnsemble:
     def __init__(self, members: list[ByteLM], weights: list[float] | None = None):
         if not members:
             raise TokenbridgeError("an ensemble needs at least one model")
+        if len({id(m) for m in members}) != len(members):
+            raise TokenbridgeError("an ensemble lists the same ByteLM twice; give each member its own (or one "
+                                   "member with the summed weight)")
         weights = [1.0] * len(members) if weights is None else list(weights)
         if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise TokenbridgeError("ensemble weights: one non-negative weight per model, not all zero")

@@ -47,12 +47,14 @@ class TokenTree:
         self.sliding_all = window if (window and not layer_types) else None
         self.cache = None
         self.size = 0  # slots used in the cache
+        self.epoch = 0
         self.calls = 0  # forward passes run (for measurements)
         self.tokens = 0  # tokens run through the model
 
     def reset(self) -> None:
         self.cache = None
         self.size = 0
+        self.epoch += 1  # nodes of earlier epochs are no longer in the cache
 
     def _new_cache(self):
         from transformers import DynamicCache
