@@ -351,3 +351,16 @@ def test_unigram_with_byte_fallback(tmp_path):
     assert report.counts["initialised"] == 0
     before, after = read_tensors(model), read_tensors(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_transplanted_qwen2_loads_the_target_tokenizer_as_written(models_dir, tok_dirs, tmp_path):
+    """transformers 5 rebuilds a ``qwen2`` model's tokenizer from Qwen2's own pipeline (NFC + its regex),
+    ignoring tokenizer.json; a transplanted Qwen2 carries another tokenizer, which tokenbridge loads as written."""
+    from tokenbridge.load.tokenizer import load_tokenizer
+
+    out, _ = transplant(models_dir["qwen2"], tok_dirs["metaspace"], tmp_path / "out", method="subword",
+                        progress=False)
+    text = corpus("en", 2000, 600) + " café ﬁ Ａ"
+    expected = Tokenizer.from_file(str(tok_dirs["metaspace"] / "tokenizer.json")).encode(
+        text, add_special_tokens=False).ids
+    assert load_tokenizer(out)(text, add_special_tokens=False)["input_ids"] == expected

@@ -249,6 +249,37 @@ def _output_flags(parser, quiet: bool = True) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
+def cmd_heal(args) -> int:
+    from pathlib import Path
+
+    from .heal import HealConfig, heal
+    from .load.packaged import resolve
+
+    config = HealConfig(mode=args.mode, train=args.train or "", steps=args.steps, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, window=args.window, lr=args.lr or 0.0, embedding_lr=args.embedding_lr or 0.0, warmup=args.warmup,
+                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, chunks=args.chunks,
+                        temperature=args.temperature, lm_weight=args.lm_weight, lora_rank=args.lora_rank,
+                        lora_alpha=args.lora_alpha, seed=args.seed, precision=args.precision)
+    out, report = heal(resolve(args.student), [Path(p) for p in args.text], Path(args.out), config,
+                       teacher=resolve(args.teacher) if args.teacher else None, resume=args.resume, force=args.force,
+                       progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                       stop_after=args.stop_after)
+    if args.json:
+        print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
+    elif args.stop_after is not None and report.steps_done < report.config["steps"]:
+        print(f"stopped after step {report.steps_done}; checkpoint in {out} (continue with --resume)")
+    else:
+        first, last = report.losses[0][1], report.losses[-1][1]
+        print(f"wrote {out}")
+        print(f"  {report.config['mode']} loss, training {report.config['train']}; {report.steps_done} steps "
+              f"(resumed at {report.resumed_from})" if report.resumed_from else
+              f"  {report.config['mode']} loss, training {report.config['train']}; {report.steps_done} steps")
+        print(f"  loss {first:.4f} at step 1 -> {last:.4f} at step {report.steps_done}; "
+              f"{report.student_tokens} student tokens, {report.tokens_per_second:.0f} tokens/s on {report.device}"
+              f" x{report.processes}")
+    return 0
+
+
 def _window_flags(parser) -> None:
     """How much of each text file is scored, and in which windows."""
     parser.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
@@ -341,6 +372,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"])
     _output_flags(q, quiet=False)
     q.set_defaults(func=cmd_bytes_generate)
+
+    p = sub.add_parser("heal", help="train a transplanted model: embeddings, ALM distillation from the original, or SFT")
+    p.add_argument("student", help="the transplanted model directory (or .gguf / packaged:NAME)")
+    p.add_argument("--teacher", help="the original model, with its own tokenizer (needed by --mode alm)")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 training text files")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--mode", default="embeddings", choices=["embeddings", "alm", "alm+embeddings", "sft"],
+                   help="the loss: LM loss (embeddings, sft), ALM against the teacher, or both (default embeddings)")
+    p.add_argument("--train", choices=["embeddings", "new-rows", "all", "lora"],
+                   help="what trains (default: embeddings for --mode embeddings, lora for alm, all for sft)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--window", type=int, default=1024, help="bytes per training window (default 1024)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 embeddings, 2e-4 lora, 3e-5 all)")
+    p.add_argument("--embedding-lr", type=float,
+                   help="peak learning rate of the embedding matrices when the body trains too (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--chunks", default="word", choices=["word", "token"],
+                   help="ALM chunks: end before whitespace with space-probability debiasing (word), or at every "
+                        "common token boundary (token)")
+    p.add_argument("--temperature", type=float, default=100.0, help="ALM binarisation temperature")
+    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss in --mode alm+embeddings")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPUs that have it, else fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="save a resumable checkpoint in OUT.checkpoints every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.checkpoints")
+    p.add_argument("--stop-after", type=int, metavar="K", help="stop after step K without writing OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT and an old run's checkpoints")
+    _output_flags(p, quiet=True)
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
     p.add_argument("out", help="a directory written by tokenbridge transplant")

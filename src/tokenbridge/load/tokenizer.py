@@ -45,6 +45,42 @@ def load_tokenizer(path: Path):
         raise TokenbridgeError(f"{path}: tokenizer does not parse ({message})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise TokenbridgeError(f"{path}: only fast (tokenizers-backed) tokenizers are supported")
+    tokenizer = _as_written(tokenizer, source)
     if len(tokenizer) == 0:
         raise TokenbridgeError(f"{path}: the tokenizer's vocabulary is empty")
     return tokenizer
+
+
+def _as_written(tokenizer, source: Path):
+    """The tokenizer exactly as its ``tokenizer.json`` says.
+
+    transformers 5 maps some model types (``qwen2``, ``phi3``, ...) to a tokenizer class that rebuilds
+    the normalizer and pre-tokenizer from the class's own defaults, ignoring ``tokenizer.json``.  A
+    transplanted model keeps its architecture's model type but carries another tokenizer, so such a
+    class would silently tokenize differently; load the file's own pipeline instead.
+    """
+    import json
+
+    file = source if source.is_file() else source / "tokenizer.json"
+    if not file.is_file():
+        return tokenizer
+    written = json.loads(file.read_text(encoding="utf-8"))
+    loaded = json.loads(tokenizer.backend_tokenizer.to_str())
+    keys = ("normalizer", "pre_tokenizer", "model", "decoder")
+    if all(_model_view(loaded.get(k)) == _model_view(written.get(k)) for k in keys):
+        return tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    directory = file.parent
+    if (directory / "tokenizer_config.json").is_file():
+        return TokenizersBackend.from_pretrained(str(directory))
+    return TokenizersBackend(tokenizer_file=str(file))
+
+
+def _model_view(part):
+    """A component as compared: the vocabulary and merges are compared by size only (cheap)."""
+    if isinstance(part, dict) and "vocab" in part:
+        view = {k: v for k, v in part.items() if k not in ("vocab", "merges")}
+        view["sizes"] = (len(part.get("vocab") or ()), len(part.get("merges") or ()))
+        return view
+    return part

@@ -1,0 +1,124 @@
+"""Healing on real models, on this machine: BPB ratio to the original before and after a time budget.
+
+For one pair (1: Gemma-3-270M -> SmolLM2 tokenizer, 2: SmolLM2-135M -> Gemma-3 tokenizer) and one
+mode, from the pair's zero-shot transplant:
+
+1. score the original model and the zero-shot student on the four slices of bench/transplant.py
+   (8000 bytes of en, de, ja, code, 20000 bytes into each file; never trained on);
+2. time a short probe of the heal loop, and set the number of steps so that training fits
+   ``--minutes``;
+3. heal on the English training text (debref.en from byte 60000 on) and score the healed model.
+
+The gap closed on a slice is (zero-shot ratio - healed ratio) / (zero-shot ratio - 1).
+
+    python bench/heal.py --pair 1 --mode embeddings --student /work/heal/pair1-tokenadapt --minutes 15 \
+        --workdir /work/heal --json /work/heal/pair1-embeddings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "src"))
+
+from transplant import CORPORA, TRAIN_OFFSET, write_slices
+
+PAIRS = {1: ("Gemma-3-270M -> SmolLM2 tokenizer", "packaged:gemma3"),
+         2: ("SmolLM2-135M -> Gemma-3 tokenizer", "packaged:smollm2")}
+
+
+def score(model, slices, size) -> dict:
+    from tokenbridge.measure.bpb import evaluate
+
+    result = evaluate(model, slices, size, 2048, progress=False)
+    return {Path(f.file).stem: f.bits_per_byte for f in result.files}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", type=int, choices=sorted(PAIRS), required=True)
+    parser.add_argument("--student", type=Path, required=True, help="the pair's zero-shot transplant")
+    parser.add_argument("--mode", default="embeddings")
+    parser.add_argument("--train", default="")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=0.0)
+    parser.add_argument("--embedding-lr", type=float, default=0.0)
+    parser.add_argument("--probe-steps", type=int, default=3)
+    parser.add_argument("--bytes", type=int, default=8000)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    from tokenbridge.heal import HealConfig, heal
+    from tokenbridge.load.packaged import resolve
+
+    name, teacher_ref = PAIRS[args.pair]
+    teacher = resolve(teacher_ref)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    slices = write_slices(args.workdir / "slices", args.bytes)
+    train = args.workdir / "train-en.txt"
+    if not train.exists():
+        data = (CORPORA / "debref.en.txt").read_bytes()[TRAIN_OFFSET:]
+        train.write_bytes(data)
+    cache = args.workdir / f"pair{args.pair}-zero-shot.json"
+    if cache.exists():
+        before = json.loads(cache.read_text())
+    else:
+        before = {"original": score(teacher, slices, args.bytes), "zero_shot": score(args.student, slices, args.bytes)}
+        cache.write_text(json.dumps(before, indent=1))
+
+    config = HealConfig(mode=args.mode, train=args.train, steps=1000, batch_size=args.batch_size, window=args.window,
+                        lr=args.lr, embedding_lr=args.embedding_lr)
+    probe_out = args.workdir / f"probe-{args.pair}-{args.mode}"
+    shutil.rmtree(Path(str(probe_out) + ".checkpoints"), ignore_errors=True)
+    started = time.perf_counter()
+    _, probe = heal(args.student, [train], probe_out, config, teacher=teacher, progress=False,
+                    stop_after=args.probe_steps)
+    seconds_per_step = probe.seconds / probe.steps_done
+    config.steps = max(args.probe_steps, int(args.minutes * 60 / seconds_per_step))
+    print(f"probe: {seconds_per_step:.2f} s/step ({time.perf_counter() - started:.0f} s with loading); "
+          f"{config.steps} steps", flush=True)
+
+    out = args.workdir / f"pair{args.pair}-{args.mode.replace('+', '-')}{'-' + args.train if args.train else ''}"
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    _, report = heal(args.student, [train], out, config, teacher=teacher, force=True, progress=True,
+                     checkpoint_every=0)
+    wall = time.perf_counter() - started
+    load_after = os.getloadavg()
+    after = score(out, slices, args.bytes)
+    original, zero = before["original"], before["zero_shot"]
+    rows = {}
+    for key in original:
+        zs_ratio, healed_ratio = zero[key] / original[key], after[key] / original[key]
+        rows[key] = {"original": original[key], "zero_shot": zero[key], "healed": after[key],
+                     "zero_shot_ratio": zs_ratio, "healed_ratio": healed_ratio,
+                     "gap_closed": (zs_ratio - healed_ratio) / (zs_ratio - 1) if zs_ratio != 1 else None}
+    result = {"pair": name, "student": str(args.student), "teacher": str(teacher), "mode": args.mode,
+              "config": asdict(config.resolved()), "train_text": str(train), "train_bytes": train.stat().st_size,
+              "train_seconds": report.seconds, "wall_seconds": wall, "steps": report.steps_done,
+              "student_tokens": report.student_tokens, "teacher_tokens": report.teacher_tokens,
+              "tokens_per_second": report.tokens_per_second, "loss_first": report.losses[0][1],
+              "loss_last": report.losses[-1][1], "load_before": load_before, "load_after": load_after,
+              "slices": rows, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    args.json.write_text(json.dumps(result, indent=1))
+    for key, row in rows.items():
+        print(f"{key:5s} original {row['original']:.4f}  zero-shot {row['zero_shot']:.4f} ({row['zero_shot_ratio']:.3f})"
+              f"  healed {row['healed']:.4f} ({row['healed_ratio']:.3f})  gap closed {row['gap_closed']:.1%}")
+    print(f"{report.steps_done} steps, {report.student_tokens} student tokens, {report.tokens_per_second:.0f} tok/s, "
+          f"{report.seconds / 60:.1f} min training")
+
+
+if __name__ == "__main__":
+    main()
