@@ -9,6 +9,8 @@ mode, from the pair's zero-shot transplant:
    ``--minutes``;
 3. heal on the English training text (debref.en from byte 60000 on) and score the healed model.
 
+`python bench/heal.py --report RUN.json...` prints a markdown table of finished runs.
+
 The gap closed on a slice is (zero-shot ratio - healed ratio) / (zero-shot ratio - 1).
 
     python bench/heal.py --pair 1 --mode embeddings --student /work/heal/pair1-tokenadapt --minutes 15 \
@@ -43,10 +45,36 @@ def score(model, slices, size) -> dict:
     return {Path(f.file).stem: f.bits_per_byte for f in result.files}
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def markdown_report(paths: list[Path]) -> str:
+    """A markdown table of several runs' JSON files."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    header = ("| pair | mode (trains) | steps | student tokens | train min | tok/s | slice | original "
+              "| zero-shot (ratio) | healed (ratio) | gap closed |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for run in runs:
+        config = run["config"]
+        for number, (key, row) in enumerate(run["slices"].items()):
+            head = (f"| {run['pair']} | {run['mode']} ({config['train']}) | {run['steps']} | {run['student_tokens']:,} | "
+                    f"{run['train_seconds'] / 60:.1f} | {run['tokens_per_second']:.0f} " if number == 0 else
+                    "| | | | | | ")
+            lines.append(f"{head}| {key} | {row['original']:.4f} | {row['zero_shot']:.4f} ({row['zero_shot_ratio']:.3f}) "
+                         f"| {row['healed']:.4f} ({row['healed_ratio']:.3f}) | {_percent(row['gap_closed'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--report"]:
+        print(markdown_report([Path(p) for p in sys.argv[2:]]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", type=int, choices=sorted(PAIRS), required=True)
-    parser.add_argument("--student", type=Path, required=True, help="the pair's zero-shot transplant")
+    parser.add_argument("--student", type=Path, help="the pair's zero-shot transplant")
+    parser.add_argument("--control", action="store_true",
+                        help="train the original model itself the same way (what the training text alone is worth)")
     parser.add_argument("--mode", default="embeddings")
     parser.add_argument("--train", default="")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
@@ -55,6 +83,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.0)
     parser.add_argument("--embedding-lr", type=float, default=0.0)
     parser.add_argument("--probe-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=0, help="a fixed number of steps instead of --minutes")
     parser.add_argument("--bytes", type=int, default=8000)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
@@ -65,13 +94,18 @@ def main() -> None:
 
     name, teacher_ref = PAIRS[args.pair]
     teacher = resolve(teacher_ref)
+    if args.control:
+        args.student = teacher
+    elif args.student is None:
+        parser.error("--student is required (or --control)")
+    tag = "control" if args.control else "zero-shot"
     args.workdir.mkdir(parents=True, exist_ok=True)
     slices = write_slices(args.workdir / "slices", args.bytes)
     train = args.workdir / "train-en.txt"
     if not train.exists():
         data = (CORPORA / "debref.en.txt").read_bytes()[TRAIN_OFFSET:]
         train.write_bytes(data)
-    cache = args.workdir / f"pair{args.pair}-zero-shot.json"
+    cache = args.workdir / f"pair{args.pair}-{tag}.json"
     if cache.exists():
         before = json.loads(cache.read_text())
     else:
@@ -80,17 +114,21 @@ def main() -> None:
 
     config = HealConfig(mode=args.mode, train=args.train, steps=1000, batch_size=args.batch_size, window=args.window,
                         lr=args.lr, embedding_lr=args.embedding_lr)
-    probe_out = args.workdir / f"probe-{args.pair}-{args.mode}"
-    shutil.rmtree(Path(str(probe_out) + ".checkpoints"), ignore_errors=True)
-    started = time.perf_counter()
-    _, probe = heal(args.student, [train], probe_out, config, teacher=teacher, progress=False,
-                    stop_after=args.probe_steps)
-    seconds_per_step = probe.seconds / probe.steps_done
-    config.steps = max(args.probe_steps, int(args.minutes * 60 / seconds_per_step))
-    print(f"probe: {seconds_per_step:.2f} s/step ({time.perf_counter() - started:.0f} s with loading); "
-          f"{config.steps} steps", flush=True)
+    if args.steps:
+        config.steps = args.steps
+    else:
+        probe_out = args.workdir / f"probe-{args.pair}-{args.mode}"
+        shutil.rmtree(Path(str(probe_out) + ".checkpoints"), ignore_errors=True)
+        started = time.perf_counter()
+        _, probe = heal(args.student, [train], probe_out, config, teacher=teacher, progress=False,
+                        stop_after=args.probe_steps)
+        seconds_per_step = probe.seconds / probe.steps_done
+        config.steps = max(args.probe_steps, int(args.minutes * 60 / seconds_per_step))
+        print(f"probe: {seconds_per_step:.2f} s/step ({time.perf_counter() - started:.0f} s with loading); "
+              f"{config.steps} steps", flush=True)
 
-    out = args.workdir / f"pair{args.pair}-{args.mode.replace('+', '-')}{'-' + args.train if args.train else ''}"
+    out = args.workdir / (f"pair{args.pair}-{'control-' if args.control else ''}{args.mode.replace('+', '-')}"
+                          f"{'-' + args.train if args.train else ''}")
     load_before = os.getloadavg()
     started = time.perf_counter()
     _, report = heal(args.student, [train], out, config, teacher=teacher, force=True, progress=True,
@@ -104,8 +142,8 @@ def main() -> None:
         zs_ratio, healed_ratio = zero[key] / original[key], after[key] / original[key]
         rows[key] = {"original": original[key], "zero_shot": zero[key], "healed": after[key],
                      "zero_shot_ratio": zs_ratio, "healed_ratio": healed_ratio,
-                     "gap_closed": (zs_ratio - healed_ratio) / (zs_ratio - 1) if zs_ratio != 1 else None}
-    result = {"pair": name, "student": str(args.student), "teacher": str(teacher), "mode": args.mode,
+                     "gap_closed": (zs_ratio - healed_ratio) / (zs_ratio - 1) if abs(zs_ratio - 1) > 1e-9 else None}
+    result = {"pair": name + (" (control: the original trained the same way)" if args.control else ""), "student": str(args.student), "teacher": str(teacher), "mode": args.mode,
               "config": asdict(config.resolved()), "train_text": str(train), "train_bytes": train.stat().st_size,
               "train_seconds": report.seconds, "wall_seconds": wall, "steps": report.steps_done,
               "student_tokens": report.student_tokens, "teacher_tokens": report.teacher_tokens,
@@ -115,7 +153,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=1))
     for key, row in rows.items():
         print(f"{key:5s} original {row['original']:.4f}  zero-shot {row['zero_shot']:.4f} ({row['zero_shot_ratio']:.3f})"
-              f"  healed {row['healed']:.4f} ({row['healed_ratio']:.3f})  gap closed {row['gap_closed']:.1%}")
+              f"  healed {row['healed']:.4f} ({row['healed_ratio']:.3f})  gap closed {_percent(row['gap_closed'])}")
     print(f"{report.steps_done} steps, {report.student_tokens} student tokens, {report.tokens_per_second:.0f} tok/s, "
           f"{report.seconds / 60:.1f} min training")
 
