@@ -375,7 +375,7 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         step_loss = _sum_across(accelerator, step_loss)
         report.steps_done = step + 1
         report.student_tokens += norms["student_tokens"]
-        report.teacher_tokens += norms.get("teacher_tokens", 0)
+        report.teacher_tokens += norms["teacher_tokens"] if teacher_side is not None else 0
         report.seconds += time.perf_counter() - started
         report.losses.append((step + 1, round(step_loss, 6)))
         bar.update(1)
