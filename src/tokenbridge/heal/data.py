@@ -87,9 +87,13 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-def lm_batch(texts: list[bytes], student: Side) -> dict:
-    """Student ids with the prefix token, attention mask and the positions that carry loss."""
-    rows = [[student.prefix_id] + ids for ids in student.encode(texts)]
+def lm_batch(texts: list[bytes], student: Side, encoded: list[list[int]] | None = None) -> dict:
+    """Student ids with the prefix token, attention mask and the positions that carry loss.
+
+    ``encoded``: the student's token ids of ``texts`` when the caller already has them.
+    """
+    encoded = student.encode(texts) if encoded is None else encoded
+    rows = [[student.prefix_id] + ids for ids in encoded]
     ids, mask = _pad(rows, student.prefix_id)
     loss_mask = mask.bool().clone()
     loss_mask[:, 0] = False
@@ -104,13 +108,13 @@ def alm_batch(texts: list[bytes], followers: list[int | None], teacher: Side, st
     is position 0, so text token k sits at position k + 1); ``teacher_end``/``student_end`` [B, C]: the
     position of each chunk's last token; ``chunk_weight`` [B, C]: teacher tokens per chunk (0 = padding).
     """
-    batch = lm_batch(texts, student)
-    teacher_rows, student_rows, all_chunks = [], [], []
-    for data, follower, t_ids, s_ids in zip(texts, followers, teacher.encode(texts), student.encode(texts)):
+    student_encoded = student.encode(texts)
+    batch = lm_batch(texts, student, student_encoded)
+    teacher_rows, all_chunks = [], []
+    for data, follower, t_ids, s_ids in zip(texts, followers, teacher.encode(texts), student_encoded):
         chunks = align_chunks(token_ends(t_ids, teacher.vocab, data), token_ends(s_ids, student.vocab, data),
                               data, kind, follower)
         teacher_rows.append([teacher.prefix_id] + t_ids)
-        student_rows.append([student.prefix_id] + s_ids)
         all_chunks.append(chunks)
     teacher_ids, teacher_mask = _pad(teacher_rows, teacher.prefix_id)
     count = max(1, max(len(c) for c in all_chunks))
@@ -129,6 +133,5 @@ def alm_batch(texts: list[bytes], followers: list[int | None], teacher: Side, st
             weight[row, c] = chunk.teacher_end - chunk.teacher_start
     batch.update({"teacher_ids": teacher_ids, "teacher_mask": teacher_mask, "teacher_chunk": teacher_chunk,
                   "student_chunk": student_chunk, "teacher_end": teacher_end, "student_end": student_end,
-                  "chunk_weight": weight, "chunks": count, "teacher_tokens": int(weight.sum()),
-                  "chunked_bytes": sum(c[-1].byte_end for c in all_chunks if c)})
+                  "chunk_weight": weight, "chunks": count, "teacher_tokens": int(weight.sum())})
     return batch

@@ -53,8 +53,9 @@ def new_rows(student_dir: Path) -> dict[str, list[int]]:
 
 
 def _row_mask_hook(mask: torch.Tensor):
+    """A gradient hook keeping only the rows (entries, for a bias) where ``mask`` is 1."""
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask.to(device=grad.device, dtype=grad.dtype)[:, None]
+        return grad * mask.to(device=grad.device, dtype=grad.dtype).view(-1, *[1] * (grad.dim() - 1))
     return hook
 
 
@@ -86,17 +87,11 @@ def select_trainable(model, train: str, student_dir: Path | None = None, lora: L
         param.requires_grad_(True)
     if train == "new-rows":
         rows = new_rows(student_dir)
-        matrices = [("input", embeddings[0])] + ([("output", embeddings[1])] if len(embeddings) > 1 else [])
-        for matrix, param in matrices:
-            if param.dim() != 2:
-                continue
+        for param in embeddings:  # the input matrix, then the output matrix and bias (their rows: "output")
+            wanted = rows["input" if param is embeddings[0] else "output"]
             mask = torch.zeros(param.shape[0])
-            mask[[r for r in rows[matrix] if r < param.shape[0]]] = 1.0
+            mask[[r for r in wanted if r < param.shape[0]]] = 1.0
             param.register_hook(_row_mask_hook(mask))
-        for param in embeddings[len(matrices):]:  # an output bias trains only its new entries too
-            mask = torch.zeros(param.shape[0])
-            mask[[r for r in rows["output"] if r < param.shape[0]]] = 1.0
-            param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
     return model
 
 

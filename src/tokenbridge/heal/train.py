@@ -9,6 +9,7 @@ or gradient accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -59,8 +60,8 @@ class HealConfig:
     steps: optimizer steps. batch_size: windows per micro-batch per process. grad_accum: micro-batches
       per step. window: bytes per training window.
     lr: peak learning rate (default by ``train``); embedding_lr: peak learning rate of the embedding
-      matrices when the body trains too (``all``, ``lora``; default 1e-3: new rows need to move far); warmup: linear warm-up steps, then cosine decay to
-      10% of the peak. weight_decay: AdamW decay (0 keeps untrained rows of ``new-rows`` exact).
+      matrices when the body trains too (``all``, ``lora``; default 1e-3: new rows need to move far);
+      warmup: linear warm-up steps, then cosine decay to 10% of the peak. weight_decay: AdamW decay (0 keeps untrained rows of ``new-rows`` exact).
     chunks: ALM chunk kind (``word``: chunks end before whitespace, with each model's probability of a
       whitespace-initial next token appended; ``token``: every common token boundary). temperature:
       ALM binarisation temperature.
@@ -167,7 +168,6 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealCo
     tmp = directory / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    names = {id(p): n for n, p in model.named_parameters()}
     save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -178,17 +178,22 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealCo
             else:
                 scalars[f"{index}.{key}"] = value
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     (tmp / "state.json").write_text(json.dumps({
         "format": CHECKPOINT_FORMAT, "step": step, "fingerprint": config.fingerprint(), "config": asdict(config),
-        "param_groups": groups, "optimizer_scalars": scalars, "param_names": [names[id(p)] for p in params],
+        "param_groups": state["param_groups"], "optimizer_scalars": scalars,
+        "param_names": _optimizer_param_names(model, optimizer),
         "report": report.to_dict()}, indent=1))
     tmp.rename(final)
     for old in directory.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _optimizer_param_names(model, optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in its order (what its state indices refer to)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def load_checkpoint(path: Path, model, optimizer, config: HealConfig) -> dict:
@@ -207,9 +212,7 @@ def load_checkpoint(path: Path, model, optimizer, config: HealConfig) -> dict:
     with torch.no_grad():
         for name, tensor in trained.items():
             params[name].copy_(tensor)
-    order = [n for g in optimizer.param_groups for n in
-             [next(k for k, v in params.items() if v is p) for p in g["params"]]]
-    if order != state["param_names"]:
+    if _optimizer_param_names(model, optimizer) != state["param_names"]:
         raise TokenbridgeError(f"{path}: the checkpoint's optimizer covers other parameters")
     tensors = load_file(str(path / "optimizer.safetensors"))
     restored: dict[int, dict] = {}
@@ -362,7 +365,7 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         own = [b for r, b, _ in micro if r == rank]
         for index, batch in enumerate(own):
             sync = index == len(own) - 1
-            context = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            context = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with context, accelerator.autocast():
                 loss, value = _micro_loss(batch, model, teacher_model, student_side, teacher_side, config, norms,
                                           device)
@@ -395,14 +398,6 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         written = _write_model(final, tokenizer, student_dir, out, force, report)
     accelerator.wait_for_everyone()
     return written, report
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sum_across(accelerator, value: float) -> float:

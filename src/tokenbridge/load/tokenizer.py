@@ -61,6 +61,10 @@ def _as_written(tokenizer, source: Path):
     """
     import json
 
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if type(tokenizer) is TokenizersBackend:  # the generic class loads tokenizer.json verbatim
+        return tokenizer
     file = source if source.is_file() else source / "tokenizer.json"
     if not file.is_file():
         return tokenizer
@@ -69,8 +73,6 @@ def _as_written(tokenizer, source: Path):
     keys = ("normalizer", "pre_tokenizer", "model", "decoder")
     if all(_model_view(loaded.get(k)) == _model_view(written.get(k)) for k in keys):
         return tokenizer
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
     directory = file.parent
     if (directory / "tokenizer_config.json").is_file():
         return TokenizersBackend.from_pretrained(str(directory))
