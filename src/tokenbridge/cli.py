@@ -27,15 +27,44 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_transplant(args) -> int:
+    from pathlib import Path
+
     from .load.packaged import resolve
+
+    want = 2 if args.train_tokenizer else 3
+    if len(args.paths) != want:
+        raise TokenbridgeError("transplant takes SOURCE OUT with --train-tokenizer" if args.train_tokenizer
+                               else "transplant takes SOURCE TARGET OUT (or SOURCE OUT with --train-tokenizer)")
+    source, out = resolve(args.paths[0]), Path(args.paths[-1])
+    if not args.train_tokenizer:
+        return _transplant_and_print(args, source, resolve(args.paths[1]), out)
+    if args.vocab_size is None:
+        raise TokenbridgeError("--train-tokenizer needs --vocab-size")
+    import tempfile
+
+    from .tokenizers.api import train
+    from .write.output_dir import check_output
+
+    check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tokenizer-", dir=out.parent) as tmp:
+        tokenizer = Path(tmp) / "tokenizer"
+        trained = train([Path(p) for p in args.train_tokenizer], tokenizer, _train_config(args), like=source,
+                        progress=not args.quiet)
+        if not args.json:
+            _print_tokenizer_report(trained, False)
+        return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": trained.summary()})
+
+
+def _transplant_and_print(args, source, target, out, extra: dict | None = None) -> int:
     from .pipeline import transplant
 
     out, report = transplant(
-        resolve(args.source), resolve(args.target), args.out, method=args.method, options=_options(args.option),
+        source, target, out, method=args.method, options=_options(args.option),
         seed=args.seed, force=args.force, allow_pickle=args.allow_pickle, progress=not args.quiet,
     )
     if args.json:
-        print(json.dumps({"out": str(out), **report.summary()}, indent=2, ensure_ascii=False))
+        print(json.dumps({"out": str(out), **report.summary(), **(extra or {})}, indent=2, ensure_ascii=False))
     else:
         counts = report.counts
         print(f"wrote {out}")
@@ -45,6 +74,56 @@ def cmd_transplant(args) -> int:
               f"initialised {counts['initialised']} ({counts['fallback']} by fallback); "
               f"{counts['unmatched_special']} special tokens had no source counterpart")
         print(f"  {report.seconds:.1f} s, peak memory {report.peak_rss_mb:.0f} MB; provenance in {out}/tokenbridge.json")
+    return 0
+
+
+def _print_tokenizer_report(report, as_json: bool) -> None:
+    from .tokenizers.api import format_report
+
+    print(json.dumps(report.summary(), indent=2, ensure_ascii=False) if as_json else format_report(report))
+
+
+def _train_config(args):
+    from .tokenizers.train import TrainConfig
+
+    return TrainConfig(vocab_size=args.vocab_size, model=args.type, supertokens=args.supertokens,
+                       supertoken_share=args.supertoken_share, max_words=args.max_words,
+                       min_frequency=args.min_frequency)
+
+
+def cmd_tokenizer_train(args) -> int:
+    from pathlib import Path
+
+    from .load.packaged import resolve
+    from .tokenizers.api import train
+
+    report = train([Path(p) for p in args.text], Path(args.out), _train_config(args),
+                   like=resolve(args.like) if args.like else None, byte_fallback=args.byte_fallback,
+                   specials=args.special or [], force=args.force, progress=not args.quiet)
+    _print_tokenizer_report(report, args.json)
+    return 0
+
+
+def cmd_tokenizer_extend(args) -> int:
+    from pathlib import Path
+
+    from .load.packaged import resolve
+    from .tokenizers.api import extend
+
+    report = extend(resolve(args.source), [Path(p) for p in args.text], Path(args.out), args.add,
+                    min_frequency=args.min_frequency, force=args.force, progress=not args.quiet)
+    _print_tokenizer_report(report, args.json)
+    return 0
+
+
+def cmd_tokenizer_prune(args) -> int:
+    from pathlib import Path
+
+    from .load.packaged import resolve
+    from .tokenizers.api import prune
+
+    report = prune(resolve(args.source), [Path(p) for p in args.text], Path(args.out), args.keep, force=args.force)
+    _print_tokenizer_report(report, args.json)
     return 0
 
 
@@ -286,22 +365,70 @@ def _window_flags(parser) -> None:
     parser.add_argument("--window", type=int, default=2048, metavar="W", help="window size in bytes (default 2048)")
 
 
+def _tokenizer_training_options(p, required: bool) -> None:
+    p.add_argument("--vocab-size", type=int, required=required, metavar="N",
+                   help="tokens in all, special and byte tokens included")
+    p.add_argument("--type", default="bpe", choices=["bpe", "unigram"], help="the tokenizer model (default bpe)")
+    p.add_argument("--supertokens", action="store_true", help="BPE: learn multi-word tokens in a second stage")
+    p.add_argument("--supertoken-share", type=float, default=0.25,
+                   help="share of the learned tokens from the supertoken stage (default 0.25)")
+    p.add_argument("--max-words", type=int, default=4, help="most words one supertoken spans (default 4)")
+    p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a merge needs (default 2)")
+
+
+def _tokenizer_output_options(p) -> None:
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenbridge", description="Move a pretrained LM onto another tokenizer.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transplant", help="give a model a new tokenizer")
-    p.add_argument("source", help="model directory (safetensors), .gguf file, or packaged:smollm2|gemma3")
-    p.add_argument("target", help="tokenizer directory, model directory, tokenizer.json, .gguf, or packaged:NAME")
-    p.add_argument("out", help="output model directory")
+    p.add_argument("paths", nargs="+", metavar="SOURCE [TARGET] OUT",
+                   help="SOURCE: model directory (safetensors), .gguf file, or packaged:smollm2|gemma3; TARGET: "
+                        "tokenizer directory, model directory, tokenizer.json, .gguf, or packaged:NAME (omitted "
+                        "with --train-tokenizer); OUT: output model directory")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (pytorch_model.bin)")
     _output_flags(p)
+    p.add_argument("--train-tokenizer", nargs="+", metavar="FILE",
+                   help="train the target tokenizer on these texts, like SOURCE's (then give SOURCE OUT only)")
+    _tokenizer_training_options(p, required=False)
     p.set_defaults(func=cmd_transplant)
+
+    p = sub.add_parser("tokenizer", help="train, extend or prune a tokenizer")
+    inner = p.add_subparsers(dest="tokenizer_command", required=True)
+    q = inner.add_parser("train", help="train a BPE or Unigram tokenizer (optionally with supertokens)")
+    q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text (UTF-8)")
+    _tokenizer_training_options(q, required=True)
+    q.add_argument("--byte-fallback", action="store_true",
+                   help="▁ style with byte tokens <0x00>..<0xFF> (SentencePiece, Gemma) instead of byte-level")
+    q.add_argument("--like", help="copy this tokenizer's conventions: byte-level or ▁ style, special tokens, "
+                                  "chat template (a tokenizer or model directory, .gguf, or packaged:NAME)")
+    q.add_argument("--special", action="append", metavar="TOKEN", help="an extra special token (repeatable)")
+    _tokenizer_output_options(q)
+    q.set_defaults(func=cmd_tokenizer_train)
+    q = inner.add_parser("extend", help="append the tokens a corpus needs most, keeping every existing id")
+    q.add_argument("source", help="tokenizer or model directory, tokenizer.json, .gguf, or packaged:NAME")
+    q.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    q.add_argument("--add", type=int, required=True, metavar="N", help="how many tokens to add (at most)")
+    q.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a new token needs")
+    _tokenizer_output_options(q)
+    q.set_defaults(func=cmd_tokenizer_extend)
+    q = inner.add_parser("prune", help="keep the tokens a corpus needs (and every byte), renumbering ids")
+    q.add_argument("source", help="tokenizer or model directory, tokenizer.json, .gguf, or packaged:NAME")
+    q.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    q.add_argument("--keep", type=int, required=True, metavar="N", help="vocabulary size of the result")
+    _tokenizer_output_options(q)
+    q.set_defaults(func=cmd_tokenizer_prune)
 
     p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
     p.add_argument("gguf")
@@ -438,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "transplant" and not any(a.startswith("-") for a in extra):
+        args.paths += extra  # OUT after the options: SOURCE --train-tokenizer FILE... --vocab-size N OUT
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except TokenbridgeError as error:

@@ -1,0 +1,157 @@
+"""Train, extend and prune tokenizers into directories; each reports compression before and after.
+
+The CLI (``tokenbridge tokenizer train|extend|prune``) and ``tokenbridge transplant
+--train-tokenizer`` call these functions.  Compression is measured with the tokstats instrument on
+the texts given, by the tokenizer as written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import TokenbridgeError
+from ..load.tokenizer import load_tokenizer
+from ..measure.texts import read_text
+from ..write.output_dir import check_output, staged_output
+from .extend import extend_tokenizer
+from .files import save_tokenizer, tokenizer_json
+from .prune import prune_tokenizer
+from .style import default_style, roles_of, style_of
+from .train import TrainConfig, train_tokenizer
+
+REPORT_FILE = "tokenbridge-tokenizer.json"
+
+
+@dataclass
+class Compression:
+    """Bytes per token of the tokenizer before (the source, if any) and after, on one text."""
+
+    text: str
+    bytes: int
+    tokens_before: int | None
+    tokens_after: int
+
+    @property
+    def before(self) -> float | None:
+        return self.bytes / self.tokens_before if self.tokens_before else None
+
+    @property
+    def after(self) -> float:
+        return self.bytes / self.tokens_after if self.tokens_after else float("nan")
+
+
+@dataclass
+class TokenizerReport:
+    command: str  # train | extend | prune
+    out: str
+    source: str | None  # the --like / SOURCE tokenizer
+    vocab_before: int | None
+    vocab_after: int
+    details: dict = field(default_factory=dict)
+    compression: list[Compression] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data["compression"] = [dict(asdict(c), bytes_per_token_before=c.before, bytes_per_token_after=c.after)
+                               for c in self.compression]
+        return data
+
+
+def _texts(paths: list[Path]) -> tuple[list[str], list[str]]:
+    if not paths:
+        raise TokenbridgeError("give at least one --text file")
+    return [str(p) for p in paths], [read_text(Path(p)) for p in paths]
+
+
+def _compression(before, after, names: list[str], texts: list[str]) -> list[Compression]:
+    from ..measure.tokstats import tokenizer_stats
+
+    rows = []
+    for name, text in zip(names, texts):
+        stats_after = tokenizer_stats(after, text, name, vocab=None)
+        stats_before = tokenizer_stats(before, text, name) if before is not None else None
+        rows.append(Compression(name, stats_after.bytes, stats_before.tokens if stats_before else None,
+                                stats_after.tokens))
+    return rows
+
+
+def _publish(command: str, data: dict, out: Path, force: bool, roles: dict, chat_template: str | None,
+             source, source_name: str | None, names: list[str], texts: list[str], details: dict,
+             started: float) -> TokenizerReport:
+    report = TokenizerReport(command, str(out), source_name, len(source) if source is not None else None, 0,
+                             details)
+    with staged_output(out, force) as tmp:
+        save_tokenizer(data, tmp, roles, chat_template)
+        written = load_tokenizer(tmp)
+        report.vocab_after = len(written)
+        report.compression = _compression(source, written, names, texts)
+        report.seconds = round(time.perf_counter() - started, 3)
+        (tmp / REPORT_FILE).write_text(json.dumps(report.summary(), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def train(text_paths: list[Path], out: Path, config: TrainConfig, like: Path | None = None,
+          byte_fallback: bool = False, specials: list[str] = (), force: bool = False,
+          progress: bool = True) -> TokenizerReport:
+    """Train a tokenizer on the texts and write it to ``out``; ``like`` copies a tokenizer's conventions."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force, protected=[Path(p) for p in text_paths] + ([Path(like)] if like else []))
+    names, texts = _texts(text_paths)
+    source = load_tokenizer(Path(like)) if like is not None else None
+    style = style_of(source, str(like), byte_fallback or None) if source is not None \
+        else default_style(byte_fallback, list(specials))
+    if source is not None and specials:
+        style.specials += [{"content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True}
+                           for s in specials if s not in {a["content"] for a in style.specials}]
+    data = train_tokenizer(texts, config, style, progress)
+    details = {"config": asdict(config), "style": style.kind, "like": str(like) if like else None,
+               "special_tokens": [a["content"] for a in style.specials]}
+    return _publish("train", data, out, force, style.roles, style.chat_template, source,
+                    str(like) if like else None, names, texts, details, started)
+
+
+def extend(source_path: Path, text_paths: list[Path], out: Path, add: int, min_frequency: int = 2,
+           force: bool = False, progress: bool = True) -> TokenizerReport:
+    """Append up to ``add`` tokens the texts need most to the tokenizer at ``source_path``."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force, protected=[Path(source_path), *map(Path, text_paths)])
+    names, texts = _texts(text_paths)
+    source = load_tokenizer(Path(source_path))
+    data, added = extend_tokenizer(tokenizer_json(source), texts, add, min_frequency, progress)
+    details = {"added": len(added), "first_ids": len(source), "new_tokens": added}
+    return _publish("extend", data, out, force, roles_of(source), source.chat_template, source, str(source_path),
+                    names, texts, details, started)
+
+
+def prune(source_path: Path, text_paths: list[Path], out: Path, keep: int, force: bool = False) -> TokenizerReport:
+    """Keep ``keep`` tokens of the tokenizer at ``source_path``: those the texts need first."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force, protected=[Path(source_path), *map(Path, text_paths)])
+    names, texts = _texts(text_paths)
+    source = load_tokenizer(Path(source_path))
+    pruned = prune_tokenizer(tokenizer_json(source), texts, keep)
+    details = {"required": pruned.required, "needed_by_texts": pruned.needed, "kept": len(pruned.old_ids),
+               "old_ids": pruned.old_ids}
+    return _publish("prune", pruned.data, out, force, roles_of(source), source.chat_template, source,
+                    str(source_path), names, texts, details, started)
+
+
+def format_report(report: TokenizerReport) -> str:
+    from ..measure.tokstats import render_table
+
+    lines = [f"wrote {report.out}: {report.command}, "
+             + (f"{report.vocab_before} -> " if report.vocab_before is not None else "")
+             + f"{report.vocab_after} tokens, {report.seconds:.1f} s"]
+    headers = ["text", "bytes", "bytes/token before", "bytes/token after", "change"]
+    rows = [[c.text, c.bytes, c.before, c.after,
+             f"{(c.after / c.before - 1) * 100:+.1f}%" if c.before else None] for c in report.compression]
+    lines.append(render_table(headers, rows, title="compression (bytes per token)"))
+    return "\n".join(lines)
