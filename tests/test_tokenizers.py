@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -120,7 +121,7 @@ def _naive_merges(sequences: dict, n: int, allowed, known: set, min_count: int):
     for _ in range(n):
         counts = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 if allowed(*pair) and pair[0] + pair[1] not in known:
                     counts[pair] += count
         if not counts:

@@ -14,9 +14,10 @@ import copy
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from ..align.token_bytes import byte_alphabet_inverse
 from ..errors import TokenbridgeError
 from .files import backend, model_ids
-from .style import BYTE_OF_CHAR, BYTE_TOKENS, PLACEHOLDER, remap_post_processor
+from .style import BYTE_TOKENS, PLACEHOLDER, remap_post_processor
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ def prune_tokenizer(data: dict, texts: list[str], keep: int) -> Pruned:
     if model["type"] == "BPE":
         if model.get("byte_fallback"):
             required |= {t for t in BYTE_TOKENS if t in ids}
-        elif any(t in BYTE_OF_CHAR for t in ids):
-            required |= {t for t in BYTE_OF_CHAR if t in ids}
+        elif any(t in byte_alphabet_inverse() for t in ids):
+            required |= {t for t in byte_alphabet_inverse() if t in ids}
         else:
             required |= {t for t in model["vocab"] if len(t) == 1}
         if model.get("unk_token"):

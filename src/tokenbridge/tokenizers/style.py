@@ -18,11 +18,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 
+from ..align.token_bytes import byte_alphabet_inverse
 from ..errors import TokenbridgeError
+from .files import tokenizer_json
 
 BYTE_LEVEL = "byte-level"
 METASPACE = "metaspace"
-SPACE_MARK = {BYTE_LEVEL: "Ġ", METASPACE: "▁"}
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token")
 
 # GPT-2's pre-tokenization; what ``ByteLevel(use_regex=True)`` applies.
@@ -34,22 +35,6 @@ METASPACE_PATTERN = r"▁?[^▁]+|▁"
 PARAGRAPH = {BYTE_LEVEL: r"(?:[^\n]|\n(?![^\S\n]*\n))+", METASPACE: r"(?:[^\n]|\n(?!(?:[^\S\n]|▁)*\n))+"}
 PLACEHOLDER = re.compile(r"[<\[]unused\d+[>\]]")
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
-
-
-def _byte_of_char() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest move up past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + shift)] = b
-            shift += 1
-    return chars
-
-
-BYTE_OF_CHAR = _byte_of_char()
 
 
 @dataclass
@@ -67,10 +52,6 @@ class Style:
     like: str | None = None  # the tokenizer the conventions came from
 
     @property
-    def space_mark(self) -> str:
-        return SPACE_MARK[self.kind]
-
-    @property
     def unk(self) -> str | None:
         return self.roles.get("unk_token")
 
@@ -82,7 +63,7 @@ class Style:
         """Words a token's text spans (runs of non-space characters)."""
         if self.kind == METASPACE:
             return len(token.replace("▁", " ").split())
-        return len(bytes(BYTE_OF_CHAR[c] for c in token).decode("utf-8", "replace").split())
+        return len(bytes(byte_alphabet_inverse()[c] for c in token).decode("utf-8", "replace").split())
 
 
 def _split(pattern: str) -> dict:
@@ -148,9 +129,7 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
     Special tokens are kept (placeholders like ``<unused17>`` are not), with their flags; roles and
     the chat template are copied.  ``byte_fallback=True`` insists on the metaspace style.
     """
-    import json
-
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data = tokenizer_json(tokenizer)
     model = data["model"]
     normalizer, pre, decoder = data.get("normalizer"), data.get("pre_tokenizer"), data.get("decoder")
     if _walk(pre, {"ByteLevel"}) or _walk(decoder, {"ByteLevel"}):
