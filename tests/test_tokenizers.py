@@ -365,3 +365,26 @@ def test_output_is_refused_when_not_empty(tmp_path, capsys):
 def test_backend_json_round_trip(trained):
     data = tokenizer_json(load_tokenizer(trained["bpe"]))
     assert json.loads(backend(data).to_str())["model"]["merges"] == data["model"]["merges"]
+
+
+def test_pruned_real_smollm2_gives_identical_logits(tmp_path):
+    """The real SmolLM2-135M, pruned to a corpus and transplanted: bit-identical logits on that corpus."""
+    from tokenbridge.load.packaged import smollm2_gguf
+    from tokenbridge.pipeline import resolve_source, transplant
+
+    model = resolve_source(smollm2_gguf())  # the converted (cached) model directory
+    text = tmp_path / "en.txt"
+    text.write_text(corpus("en", 0, 12000), encoding="utf-8")
+    report = prune(model, [text], tmp_path / "pruned", 4000)
+    out, _ = transplant(model, tmp_path / "pruned", tmp_path / "small", progress=False)
+    old_ids = torch.tensor(report.details["old_ids"])
+    before = torch.tensor(load_tokenizer(model)(text.read_text())["input_ids"])
+    after = torch.tensor(load_tokenizer(out)(text.read_text())["input_ids"])
+    assert torch.equal(old_ids[after], before)
+    original, small = load_lm(model), load_lm(out)
+    assert small.get_input_embeddings().weight.shape == (4000, 576)
+    for start in (0, len(before) - 256):
+        with torch.no_grad():
+            expected = original(before[None, start:start + 256]).logits[..., old_ids]
+            got = small(after[None, start:start + 256]).logits
+        assert torch.equal(got, expected)
