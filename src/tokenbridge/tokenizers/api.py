@@ -68,15 +68,18 @@ def _texts(paths: list[Path]) -> tuple[list[str], list[str]]:
 
 
 def _compression(before, after, names: list[str], texts: list[str]) -> list[Compression]:
+    """Bytes per token of ``before`` (None: no source) and ``after`` on each text, by tokstats."""
+    from ..align.token_bytes import vocabulary
     from ..measure.tokstats import tokenizer_stats
 
-    rows = []
-    for name, text in zip(names, texts):
-        stats_after = tokenizer_stats(after, text, name, vocab=None)
-        stats_before = tokenizer_stats(before, text, name) if before is not None else None
-        rows.append(Compression(name, stats_after.bytes, stats_before.tokens if stats_before else None,
-                                stats_after.tokens))
-    return rows
+    def tokens(tokenizer) -> list[int | None]:
+        if tokenizer is None:
+            return [None] * len(texts)
+        vocab = vocabulary(tokenizer)  # seconds for a large vocabulary: once per tokenizer
+        return [tokenizer_stats(tokenizer, text, name, vocab=vocab).tokens for name, text in zip(names, texts)]
+
+    return [Compression(name, len(text.encode("utf-8")), old, new)
+            for name, text, old, new in zip(names, texts, tokens(before), tokens(after))]
 
 
 def _publish(command: str, data: dict, out: Path, force: bool, roles: dict, chat_template: str | None,
