@@ -51,6 +51,7 @@ def cmd_transplant(args) -> int:
         tokenizer = Path(tmp) / "tokenizer"
         trained = train([Path(p) for p in args.train_tokenizer], tokenizer, _train_config(args), like=source,
                         progress=not args.quiet)
+        trained.out = f"{out} (its tokenizer)"
         if not args.json:
             _print_tokenizer_report(trained, False)
         return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": trained.summary()})
