@@ -19,6 +19,7 @@ from tokenbridge.load.tokenizer import load_tokenizer, tokenizer_dir
 from tokenbridge.tokenizers.api import extend, prune, train
 from tokenbridge.tokenizers.files import backend, tokenizer_json
 from tokenbridge.tokenizers.merges import learn_merges
+from tokenbridge.tokenizers.prune import prune_tokenizer
 from tokenbridge.tokenizers.style import BYTE_LEVEL, METASPACE, default_style
 from tokenbridge.tokenizers.train import TrainConfig
 
@@ -171,11 +172,14 @@ def smollm2_tokenizer() -> Path:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, smollm2_tokenizer, trained) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
-    return {"smollm2": smollm2_tokenizer, "metaspace-bpe": make_metaspace(root / "metaspace"),
+    from tokenbridge.load.packaged import gemma3_gguf
+
+    return {"smollm2": smollm2_tokenizer, "gemma3": tokenizer_dir(gemma3_gguf()),
+            "metaspace-bpe": make_metaspace(root / "metaspace"),
             "unigram-fallback": trained["unigram-fallback"], "unigram": trained["unigram"]}
 
 
-@pytest.mark.parametrize("source", ["smollm2", "metaspace-bpe", "unigram-fallback", "unigram"])
+@pytest.mark.parametrize("source", ["smollm2", "gemma3", "metaspace-bpe", "unigram-fallback", "unigram"])
 def test_extend_keeps_ids_and_unaffected_encodings(tmp_path, sources, source):
     german = tmp_path / "de.txt"
     german.write_text(corpus("de", 60000, 40000), encoding="utf-8")
@@ -216,12 +220,12 @@ def test_extend_round_trips_any_text(tmp_path, sources):
     check()
 
 
-@pytest.mark.parametrize("source", ["smollm2", "metaspace-bpe", "unigram-fallback"])
+@pytest.mark.parametrize("source", ["smollm2", "gemma3", "metaspace-bpe", "unigram-fallback"])
 def test_prune_keeps_corpus_encodings_and_every_byte(tmp_path, sources, source):
     text = tmp_path / "en.txt"
     text.write_text(corpus("en", 0, 30000), encoding="utf-8")
     old = load_tokenizer(sources[source])
-    needed = prune(sources[source], [text], tmp_path / "probe", len(old)).details["needed_by_texts"]
+    needed = prune_tokenizer(tokenizer_json(old), [text.read_text()], len(old)).needed
     keep = min(needed + 40, len(old))
     report = prune(sources[source], [text], tmp_path / "out", keep)
     new = load_tokenizer(tmp_path / "out")
@@ -232,7 +236,7 @@ def test_prune_keeps_corpus_encodings_and_every_byte(tmp_path, sources, source):
     after = new(content, add_special_tokens=False)["input_ids"]
     assert [old_ids[i] for i in after] == before
     assert [new.convert_ids_to_tokens(i) for i in after] == old.convert_ids_to_tokens(before)
-    kind = METASPACE if source != "smollm2" else BYTE_LEVEL
+    kind = BYTE_LEVEL if source == "smollm2" else METASPACE
 
     # Whatever the source spells, the pruned tokenizer spells.  (SmolLM2's vocabulary lacks 21 of the 256
     # byte symbols, among them the lead bytes of U+40000 and up, so it cannot spell everything itself.)
