@@ -342,6 +342,7 @@ def test_cli_train_extend_prune_and_transplant(tmp_path, capsys, smollm2_tokeniz
     (["tokenizer", "train", "--vocab-size", "800", "--text", "{missing}"], "no such file"),
     (["transplant", "{smollm2}", "{out}", "--train-tokenizer", "{text}"], "needs --vocab-size"),
     (["transplant", "{smollm2}", "{out}"], "SOURCE TARGET OUT"),
+    (["transplant", "{smollm2}", "{smollm2}", "{out}", "--vocab-size", "900"], "only with --train-tokenizer"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, smollm2_tokenizer, argv, message):
     text = _texts(tmp_path, 3000)[0]

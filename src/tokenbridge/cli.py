@@ -37,6 +37,8 @@ def cmd_transplant(args) -> int:
                                else "transplant takes SOURCE TARGET OUT (or SOURCE OUT with --train-tokenizer)")
     source, out = resolve(args.paths[0]), Path(args.paths[-1])
     if not args.train_tokenizer:
+        if args.vocab_size is not None or args.supertokens or args.type != "bpe":
+            raise TokenbridgeError("--vocab-size, --type and --supertokens apply only with --train-tokenizer")
         return _transplant_and_print(args, source, resolve(args.paths[1]), out)
     if args.vocab_size is None:
         raise TokenbridgeError("--train-tokenizer needs --vocab-size")
@@ -390,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transplant", help="give a model a new tokenizer")
-    p.add_argument("paths", nargs="+", metavar="SOURCE [TARGET] OUT",
-                   help="SOURCE: model directory (safetensors), .gguf file, or packaged:smollm2|gemma3; TARGET: "
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SOURCE TARGET OUT, or SOURCE OUT with --train-tokenizer. SOURCE: model directory "
+                        "(safetensors), .gguf file, or packaged:smollm2|gemma3; TARGET: "
                         "tokenizer directory, model directory, tokenizer.json, .gguf, or packaged:NAME (omitted "
                         "with --train-tokenizer); OUT: output model directory")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
