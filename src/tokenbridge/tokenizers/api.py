@@ -19,7 +19,7 @@ from ..write.output_dir import check_output, staged_output
 from .extend import extend_tokenizer
 from .files import save_tokenizer, tokenizer_json
 from .prune import prune_tokenizer
-from .style import default_style, roles_of, style_of
+from .style import default_style, roles_of, special_token, style_of
 from .train import TrainConfig, train_tokenizer
 
 REPORT_FILE = "tokenbridge-tokenizer.json"
@@ -109,9 +109,8 @@ def train(text_paths: list[Path], out: Path, config: TrainConfig, like: Path | N
     style = style_of(source, str(like), byte_fallback or None) if source is not None \
         else default_style(byte_fallback, list(specials))
     if source is not None and specials:
-        style.specials += [{"content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": True}
-                           for s in specials if s not in {a["content"] for a in style.specials}]
+        known = {a["content"] for a in style.specials}
+        style.specials += [special_token(s) for s in specials if s not in known]
     data = train_tokenizer(texts, config, style, progress)
     details = {"config": asdict(config), "style": style.kind, "like": str(like) if like else None,
                "special_tokens": [a["content"] for a in style.specials]}

@@ -83,7 +83,8 @@ METASPACE_DECODER = {"type": "Sequence", "decoders": [
 BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 
 
-def _added(content: str) -> dict:
+def special_token(content: str) -> dict:
+    """An added-token record for a special token, with the usual flags."""
     return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
             "special": True}
 
@@ -99,7 +100,7 @@ def default_style(byte_fallback: bool, extra_specials: list[str] = ()) -> Style:
         style = Style(BYTE_LEVEL, None, _regex_pre_tokenizer(GPT2_PATTERN, BYTE_LEVEL),
                       BYTE_LEVEL_DECODER, roles=roles)
     contents = list(dict.fromkeys([*roles.values(), *extra_specials]))
-    style.specials = [_added(c) for c in contents]
+    style.specials = [special_token(c) for c in contents]
     return style
 
 
@@ -166,12 +167,12 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
     contents = {a["content"] for a in specials}
     for content in roles.values():
         if content not in contents:
-            specials.append(_added(content))
+            specials.append(special_token(content))
             contents.add(content)
     if kind == METASPACE and "unk_token" not in roles:
         roles["unk_token"] = "<unk>"
         if "<unk>" not in contents:
-            specials.append(_added("<unk>"))
+            specials.append(special_token("<unk>"))
     for record in specials:
         record.pop("id", None)
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
