@@ -379,6 +379,11 @@ def _tokenizer_training_options(p, required: bool) -> None:
     p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a merge needs (default 2)")
 
 
+def _tokenizer_source_options(p) -> None:
+    p.add_argument("source", help="tokenizer or model directory, tokenizer.json, .gguf, or packaged:NAME")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE")
+
+
 def _tokenizer_output_options(p) -> None:
     p.add_argument("--out", required=True, help="output tokenizer directory")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
@@ -421,15 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_train)
     q = inner.add_parser("extend", help="append the tokens a corpus needs most, keeping every existing id")
-    q.add_argument("source", help="tokenizer or model directory, tokenizer.json, .gguf, or packaged:NAME")
-    q.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    _tokenizer_source_options(q)
     q.add_argument("--add", type=int, required=True, metavar="N", help="how many tokens to add (at most)")
     q.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a new token needs")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_extend)
     q = inner.add_parser("prune", help="keep the tokens a corpus needs (and every byte), renumbering ids")
-    q.add_argument("source", help="tokenizer or model directory, tokenizer.json, .gguf, or packaged:NAME")
-    q.add_argument("--text", nargs="+", required=True, metavar="FILE")
+    _tokenizer_source_options(q)
     q.add_argument("--keep", type=int, required=True, metavar="N", help="vocabulary size of the result")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_prune)

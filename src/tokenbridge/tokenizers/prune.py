@@ -28,10 +28,6 @@ class Pruned:
     needed: int  # tokens the corpus uses, with what their merges are built from
 
 
-def _tokens_by_id(data: dict) -> dict[int, str]:
-    return {i: token for token, i in model_ids(data).items()}
-
-
 def prune_tokenizer(data: dict, texts: list[str], keep: int) -> Pruned:
     model = data["model"]
     if model["type"] not in ("BPE", "Unigram"):
@@ -40,8 +36,8 @@ def prune_tokenizer(data: dict, texts: list[str], keep: int) -> Pruned:
     counts: Counter = Counter()
     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
         counts.update(encoding.ids)
-    by_id = _tokens_by_id(data)
-    ids = {token: i for i, token in by_id.items()}
+    ids = model_ids(data)
+    by_id = {i: token for token, i in ids.items()}
     added = {a["content"]: a for a in data.get("added_tokens", [])}
 
     required = {t for t, a in added.items() if a.get("special") and not PLACEHOLDER.fullmatch(t)}
@@ -54,8 +50,9 @@ def prune_tokenizer(data: dict, texts: list[str], keep: int) -> Pruned:
             required |= {t for t in model["vocab"] if len(t) == 1}
         if model.get("unk_token"):
             required.add(model["unk_token"])
+        merges = _merge_pairs(model)
         parents: dict[str, list[str]] = defaultdict(list)
-        for left, right in _merge_pairs(model):
+        for left, right in merges:
             parents[left + right] += [left, right]
     else:
         if model.get("byte_fallback"):
@@ -92,7 +89,7 @@ def prune_tokenizer(data: dict, texts: list[str], keep: int) -> Pruned:
     result["added_tokens"] = [dict(a, id=new_id[a["id"]]) for a in data.get("added_tokens", []) if a["content"] in kept]
     if model["type"] == "BPE":
         result["model"]["vocab"] = {t: new_id[i] for t, i in model["vocab"].items() if t in kept}
-        result["model"]["merges"] = [[left, right] for left, right in _merge_pairs(model)
+        result["model"]["merges"] = [[left, right] for left, right in merges
                                      if left in kept and right in kept and left + right in kept]
     else:
         result["model"]["vocab"] = [[p, s] for p, s in model["vocab"] if p in kept]

@@ -18,7 +18,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 
-from ..align.token_bytes import byte_alphabet_inverse
+from ..align.token_bytes import _walk, byte_alphabet_inverse
 from ..errors import TokenbridgeError
 from .files import tokenizer_json
 
@@ -104,15 +104,9 @@ def default_style(byte_fallback: bool, extra_specials: list[str] = ()) -> Style:
     return style
 
 
-def _walk(node, kinds: set[str]) -> list[dict]:
-    """Every component of a (possibly nested Sequence) tokenizer.json section, in order."""
-    if not isinstance(node, dict):
-        return []
-    found = [node] if node.get("type") in kinds else []
-    for key in ("normalizers", "pretokenizers", "decoders", "processors"):
-        for child in node.get(key) or []:
-            found += _walk(child, kinds)
-    return found
+def _of_type(node, kinds: set[str]) -> list[dict]:
+    """The components of a tokenizer.json section (nested Sequences included) whose type is in ``kinds``."""
+    return [part for part in _walk(node) if part.get("type") in kinds]
 
 
 def _mentions_mark(node) -> bool:
@@ -133,7 +127,7 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
     data = tokenizer_json(tokenizer)
     model = data["model"]
     normalizer, pre, decoder = data.get("normalizer"), data.get("pre_tokenizer"), data.get("decoder")
-    if _walk(pre, {"ByteLevel"}) or _walk(decoder, {"ByteLevel"}):
+    if _of_type(pre, {"ByteLevel"}) or _of_type(decoder, {"ByteLevel"}):
         if byte_fallback:
             raise TokenbridgeError(f"--byte-fallback: {name} is byte-level; it spells every byte already")
         kind = BYTE_LEVEL
@@ -141,7 +135,7 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
         decoder = copy.deepcopy(decoder) if decoder else BYTE_LEVEL_DECODER
     elif model.get("byte_fallback") or _mentions_mark(normalizer) or _mentions_mark(pre) or byte_fallback:
         kind = METASPACE
-        metaspace = _walk(pre, {"Metaspace"})
+        metaspace = _of_type(pre, {"Metaspace"})
         if normalizer is not None and _mentions_mark(normalizer):
             normalizer = copy.deepcopy(normalizer)
         elif metaspace:
@@ -151,7 +145,7 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
         else:
             normalizer = SPACE_TO_MARK
         pre_tokenizer = _regex_pre_tokenizer(METASPACE_PATTERN, kind)
-        if _walk(decoder, {"ByteFallback"}):
+        if _of_type(decoder, {"ByteFallback"}):
             decoder = copy.deepcopy(decoder)
         else:
             decoder = copy.deepcopy(METASPACE_DECODER)
@@ -191,7 +185,7 @@ def remap_post_processor(processor: dict | None, ids: dict[str, int]) -> dict | 
             raise TokenbridgeError(f"the post-processor uses {content!r}, which the new vocabulary lacks")
         return ids[content]
 
-    for node in _walk(processor, {"TemplateProcessing", "BertProcessing", "RobertaProcessing"}):
+    for node in _of_type(processor, {"TemplateProcessing", "BertProcessing", "RobertaProcessing"}):
         if node["type"] == "TemplateProcessing":
             for entry in node.get("special_tokens", {}).values():
                 entry["ids"] = [lookup(t) for t in entry["tokens"]]
