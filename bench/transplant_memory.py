@@ -190,13 +190,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the full results as JSON")
     parser.add_argument("--out-md", type=Path, help="write the Markdown results section")
     args = parser.parse_args()
-    result = benchmark(max(1, args.repeat))
+    publish(benchmark(max(1, args.repeat)), markdown, args.json, args.out_md)
+
+
+def publish(result: dict, markdown, json_path: Path | None, md_path: Path | None) -> None:
+    """Print the Markdown section; write it and the full JSON where asked (shared by the memory benches)."""
     text = markdown(result)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.out_md:
-        args.out_md.write_text(text)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if md_path:
+        md_path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +103,11 @@ def plan_candidates(passed: dict, wanted: list[str], train_file: Path | None) ->
 
 def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: int, force: bool,
                     allow_pickle: bool, progress: bool):
+    from .load.model import resolve_source
     from .measure.bpb import evaluate
-    from .pipeline import resolve_source, transplant
+    from .pipeline import transplant
     from .report import peak_rss_mb
-    from .write.output_dir import check_output, staged_output
+    from .write.output_dir import check_output, staged_output, temp_dir
 
     started = time.perf_counter()
     source, target_tokenizer, out = Path(source), Path(target_tokenizer), Path(out)
@@ -128,7 +128,7 @@ def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: i
     wanted = [m.strip() for m in config.candidates.split(",") if m.strip()]
 
     with staged_output(out, force) as staged:
-        work = Path(tempfile.mkdtemp(prefix=".auto-", dir=staged.parent))
+        work = temp_dir(staged.parent, f"{out.name}.auto")
         try:
             heldout_file = work / "heldout.txt"
             heldout_file.write_bytes(held_out)

@@ -8,12 +8,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import traceback
 
+from . import checks
 from .errors import TokenbridgeError
 
 EXIT_USAGE = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every staged output is cleaned up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``tokenbridge: error: ...``, exit 2), like every other bad input."""
+
+    def error(self, message):
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(EXIT_USAGE, f"tokenbridge: error: {command}{message} (see {self.prog} --help)\n")
+
+
+def _number(integer: bool, **bounds):
+    """An argparse type: a number within ``bounds`` (see :func:`tokenbridge.checks.number`), finite always."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
+        try:
+            return checks.number("the value", value, integer=integer, **bounds)
+        except TokenbridgeError as error:
+            raise argparse.ArgumentTypeError(str(error).replace("the value must be", "must be")) from None
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+def _seed(text: str) -> int:
+    return _number(True, low=0, high=checks.SEED_MAX)(text)
+
+
+POSITIVE = _number(True, low=1)
+NON_NEGATIVE = _number(True, low=0)
+FINITE = _number(False)
+POSITIVE_FLOAT = _number(False, low=0, low_open=True)
+NON_NEGATIVE_FLOAT = _number(False, low=0)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -42,21 +91,26 @@ def cmd_transplant(args) -> int:
         return _transplant_and_print(args, source, resolve(args.paths[1]), out)
     if args.vocab_size is None:
         raise TokenbridgeError("--train-tokenizer needs --vocab-size")
-    import tempfile
+    import shutil
 
     from .tokenizers.api import train
-    from .write.output_dir import check_output
+    from .write.output_dir import check_output, publish_path, sweep_orphans, temp_dir
 
     check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tokenizer-", dir=out.parent) as tmp:
-        tokenizer = Path(tmp) / "tokenizer"
+    parent = publish_path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(parent)
+    tmp = temp_dir(parent, f"{out.name}.tokenizer")
+    try:
+        tokenizer = tmp / "tokenizer"
         trained = train([Path(p) for p in args.train_tokenizer], tokenizer, _train_config(args), like=source,
                         progress=not args.quiet)
         trained.out = f"{out} (its tokenizer)"
         if not args.json:
             _print_tokenizer_report(trained, False)
         return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": trained.summary()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _transplant_and_print(args, source, target, out, extra: dict | None = None) -> int:
@@ -151,7 +205,7 @@ def cmd_eval(args) -> int:
     from .measure.bpb import evaluate, format_result
 
     result = evaluate(resolve(args.model), [Path(p) for p in args.text], limit=args.bytes, window=args.window,
-                      prefix=args.prefix, progress=not args.quiet)
+                      prefix=args.prefix, progress=not args.quiet, allow_pickle=args.allow_pickle)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
     return 0
 
@@ -176,7 +230,7 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = compare(args.source, args.target, methods, [Path(p) for p in args.text], Path(args.out),
                      limit=args.bytes, window=args.window, seed=args.seed, force=args.force,
-                     keep_models=args.keep_models, progress=not args.quiet)
+                     keep_models=args.keep_models, progress=not args.quiet, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -187,19 +241,15 @@ def cmd_compare(args) -> int:
 
 def cmd_generate(args) -> int:
     """Greedy (or sampled) continuation of a prompt with a model directory; for quick checks."""
-    from pathlib import Path
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = Path(args.model)
-    if not (directory / "config.json").is_file():
-        raise TokenbridgeError(f"{directory}: not a model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    from .load.model import load_causal_lm
+    from .load.packaged import resolve
+
+    model, tokenizer = load_causal_lm(resolve(args.model), allow_pickle=args.allow_pickle)
     if args.chat:
         if not tokenizer.chat_template:
-            raise TokenbridgeError(f"{directory}: the tokenizer has no chat template")
+            raise TokenbridgeError(f"{args.model}: the tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -257,6 +307,7 @@ def cmd_vectors(args) -> int:
 
     from .init.static_vectors import split_words, train_vectors, write_vectors
     from .measure.texts import read_text
+    from .write.output_dir import staged_file
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -264,12 +315,8 @@ def cmd_vectors(args) -> int:
     sequences = [words for path in args.text for words in split_words(read_text(Path(path)))]
     vectors = train_vectors(sequences, dim=args.dim, window=args.window, epochs=args.epochs,
                             min_count=args.min_count, seed=args.seed, progress=not args.quiet)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # same suffix: a .gz output is written gzipped
-    try:
+    with staged_file(out) as tmp:  # same suffix: a .gz output is written gzipped
         write_vectors(tmp, vectors)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({"out": str(out), "words": len(vectors.words), "dim": args.dim}))
     else:
@@ -300,10 +347,27 @@ def cmd_bytes_score(args) -> int:
 
     weights = _weights(args)
     texts = read([Path(p) for p in args.text], args.bytes)
-    members = [load_byte_lm(path, args.prefix) for path in args.model]
+    members = [load_byte_lm(path, args.prefix, allow_pickle=args.allow_pickle) for path in args.model]
     result = score(members, texts, weights, window=args.window, progress=not args.quiet)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
     return 0
+
+
+def _prompt_bytes(args) -> bytes:
+    """The prompt's bytes exactly as given: ``--prompt`` (as the OS passed it), ``--prompt-hex`` or ``--prompt-file``."""
+    if args.prompt_hex is not None:
+        try:
+            return bytes.fromhex(args.prompt_hex)
+        except ValueError:
+            raise TokenbridgeError(f"--prompt-hex: {args.prompt_hex!r} is not hexadecimal bytes") from None
+    if args.prompt_file is not None:
+        from pathlib import Path
+
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise TokenbridgeError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+        return path.read_bytes()
+    return os.fsencode(args.prompt)  # a cut UTF-8 character arrives as surrogate escapes: its bytes, unchanged
 
 
 def cmd_bytes_generate(args) -> int:
@@ -311,24 +375,34 @@ def cmd_bytes_generate(args) -> int:
     from .bytes.score import load_byte_lm
 
     weights = _weights(args)
-    members = [load_byte_lm(path, args.prefix) for path in args.model]
-    prompt = args.prompt.encode("utf-8")
+    prompt = _prompt_bytes(args)
+    members = [load_byte_lm(path, args.prefix, allow_pickle=args.allow_pickle) for path in args.model]
     out = ByteEnsemble(members, weights).generate(prompt, args.max_bytes, args.temperature, args.top_p, args.seed)
-    text = out.decode("utf-8", errors="replace")
     if args.json:
-        print(json.dumps({"models": args.model, "weights": weights, "prompt": args.prompt, "continuation": text,
-                          "bytes": len(out)}, ensure_ascii=False, indent=2))
+        print(json.dumps({"models": args.model, "weights": weights, "prompt": prompt.decode("utf-8", "replace"),
+                          "prompt_hex": prompt.hex(), "continuation": out.decode("utf-8", errors="replace"),
+                          "continuation_hex": out.hex(), "bytes": len(out)}, ensure_ascii=False, indent=2))
     else:
-        print(args.prompt + text)
+        raw = getattr(sys.stdout, "buffer", None)
+        if raw is None:
+            print((prompt + out).decode("utf-8", errors="replace"))
+        else:  # the bytes themselves, whatever the terminal's encoding
+            sys.stdout.flush()
+            raw.write(prompt + out + b"\n")
+            raw.flush()
     return 0
 
 
-def _output_flags(parser, quiet: bool = True) -> None:
-    """--json, --quiet (progress bars off) and --debug (tracebacks), shared by the subcommands."""
+def _output_flags(parser) -> None:
+    """--json, --quiet (progress bars and library chatter off) and --debug (tracebacks), for every subcommand."""
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    if quiet:
-        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or library warnings")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _allow_pickle_flag(parser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickle checkpoints (pytorch_model.bin), read with torch.load(weights_only=True)")
 
 
 def cmd_heal(args) -> int:
@@ -338,14 +412,15 @@ def cmd_heal(args) -> int:
     from .load.packaged import resolve
 
     config = HealConfig(mode=args.mode, train=args.train or "", steps=args.steps, batch_size=args.batch_size,
-                        grad_accum=args.grad_accum, window=args.window, lr=args.lr or 0.0, embedding_lr=args.embedding_lr or 0.0, warmup=args.warmup,
+                        grad_accum=args.grad_accum, window=args.window, lr=args.lr or 0.0,
+                        embedding_lr=args.embedding_lr or 0.0, warmup=args.warmup,
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, chunks=args.chunks,
                         temperature=args.temperature, lm_weight=args.lm_weight, lora_rank=args.lora_rank,
                         lora_alpha=args.lora_alpha, seed=args.seed, precision=args.precision)
     out, report = heal(resolve(args.student), [Path(p) for p in args.text], Path(args.out), config,
                        teacher=resolve(args.teacher) if args.teacher else None, resume=args.resume, force=args.force,
                        progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                       stop_after=args.stop_after)
+                       stop_after=args.stop_after, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
     elif args.stop_after is not None and report.steps_done < report.config["steps"]:
@@ -364,19 +439,22 @@ def cmd_heal(args) -> int:
 
 def _window_flags(parser) -> None:
     """How much of each text file is scored, and in which windows."""
-    parser.add_argument("--bytes", type=int, default=None, metavar="N", help="score the first N bytes of each file")
-    parser.add_argument("--window", type=int, default=2048, metavar="W", help="window size in bytes (default 2048)")
+    parser.add_argument("--bytes", type=POSITIVE, default=None, metavar="N", help="score the first N bytes of each file")
+    parser.add_argument("--window", type=_number(True, low=4), default=2048, metavar="W",
+                        help="window size in bytes (default 2048)")
 
 
 def _tokenizer_training_options(p, required: bool) -> None:
-    p.add_argument("--vocab-size", type=int, required=required, metavar="N",
+    p.add_argument("--vocab-size", type=POSITIVE, required=required, metavar="N",
                    help="tokens in all, special and byte tokens included")
     p.add_argument("--type", default="bpe", choices=["bpe", "unigram"], help="the tokenizer model (default bpe)")
     p.add_argument("--supertokens", action="store_true", help="BPE: learn multi-word tokens in a second stage")
-    p.add_argument("--supertoken-share", type=float, default=0.25,
+    p.add_argument("--supertoken-share", type=_number(False, low=0, high=1, low_open=True, high_open=True),
+                   default=0.25,
                    help="share of the learned tokens from the supertoken stage (default 0.25)")
-    p.add_argument("--max-words", type=int, default=4, help="most words one supertoken spans (default 4)")
-    p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a merge needs (default 2)")
+    p.add_argument("--max-words", type=_number(True, low=2), default=4,
+                   help="most words one supertoken spans (default 4)")
+    p.add_argument("--min-frequency", type=POSITIVE, default=2, help="fewest occurrences a merge needs (default 2)")
 
 
 def _tokenizer_source_options(p) -> None:
@@ -387,14 +465,13 @@ def _tokenizer_source_options(p) -> None:
 def _tokenizer_output_options(p) -> None:
     p.add_argument("--out", required=True, help="output tokenizer directory")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _output_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenbridge", description="Move a pretrained LM onto another tokenizer.")
+    parser = Parser(prog="tokenbridge", description="Move a pretrained LM onto another tokenizer.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("transplant", help="give a model a new tokenizer")
     p.add_argument("paths", nargs="+", metavar="PATH",
@@ -404,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --train-tokenizer); OUT: output model directory")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**32-1 (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (pytorch_model.bin)")
+    _allow_pickle_flag(p)
     _output_flags(p)
     p.add_argument("--train-tokenizer", nargs="+", metavar="FILE",
                    help="train the target tokenizer on these texts, like SOURCE's (then give SOURCE OUT only)")
@@ -414,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transplant)
 
     p = sub.add_parser("tokenizer", help="train, extend or prune a tokenizer")
-    inner = p.add_subparsers(dest="tokenizer_command", required=True)
+    inner = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     q = inner.add_parser("train", help="train a BPE or Unigram tokenizer (optionally with supertokens)")
     q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text (UTF-8)")
     _tokenizer_training_options(q, required=True)
@@ -427,13 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_tokenizer_train)
     q = inner.add_parser("extend", help="append the tokens a corpus needs most, keeping every existing id")
     _tokenizer_source_options(q)
-    q.add_argument("--add", type=int, required=True, metavar="N", help="how many tokens to add (at most)")
-    q.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences a new token needs")
+    q.add_argument("--add", type=POSITIVE, required=True, metavar="N", help="how many tokens to add (at most)")
+    q.add_argument("--min-frequency", type=POSITIVE, default=2, help="fewest occurrences a new token needs")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_extend)
     q = inner.add_parser("prune", help="keep the tokens a corpus needs (and every byte), renumbering ids")
     _tokenizer_source_options(q)
-    q.add_argument("--keep", type=int, required=True, metavar="N", help="vocabulary size of the result")
+    q.add_argument("--keep", type=POSITIVE, required=True, metavar="N", help="vocabulary size of the result")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_prune)
 
@@ -441,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf")
     p.add_argument("out")
     p.add_argument("--force", action="store_true")
-    _output_flags(p, quiet=False)
+    _output_flags(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="tokenizer-independent bits per byte of a causal LM")
@@ -450,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _window_flags(p)
     p.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
                    help="token prepended to every window (auto: BOS, else EOS)")
+    _allow_pickle_flag(p)
     _output_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -458,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files (parallel for premiums)")
     p.add_argument("--reference", metavar="FILE", help="one of the text files: token premiums relative to it")
     p.add_argument("--plot", metavar="PNG", help="bar chart of the premiums per language and tokenizer")
-    _output_flags(p, quiet=False)
+    _output_flags(p)
     p.set_defaults(func=cmd_tokstats)
 
     p = sub.add_parser("compare", help="transplant with several methods and compare bits per byte")
@@ -468,43 +546,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     _window_flags(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--keep-models", action="store_true", help="keep the transplanted models in REPORT_DIR/models")
     p.add_argument("--force", action="store_true")
+    _allow_pickle_flag(p)
     _output_flags(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory (a quick check)")
-    p.add_argument("model")
+    p.add_argument("model", help="model directory, .gguf file, or packaged:NAME")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=30)
+    p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    _output_flags(p, quiet=False)
+    _allow_pickle_flag(p)
+    _output_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bytes", help="exact byte-level probabilities: score text, generate, ensemble models")
-    inner = p.add_subparsers(dest="bytes_command", required=True)
+    inner = p.add_subparsers(dest="bytes_command", required=True, parser_class=Parser)
     q = inner.add_parser("score", help="exact bits per byte of one model, or of models ensembled byte by byte")
     q.add_argument("model", nargs="+", help="model directories, .gguf files or packaged:NAME (several: an ensemble)")
     q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
-    q.add_argument("--weights", nargs="+", type=float, metavar="W", help="ensemble weights (default: equal)")
+    q.add_argument("--weights", nargs="+", type=NON_NEGATIVE_FLOAT, metavar="W",
+                   help="ensemble weights (default: equal)")
     _window_flags(q)
     q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"],
                    help="token the text is conditioned on (auto: BOS, else EOS)")
+    _allow_pickle_flag(q)
     _output_flags(q)
     q.set_defaults(func=cmd_bytes_score)
     q = inner.add_parser("generate", help="continue a prompt byte by byte (it may end mid-word)")
     q.add_argument("model", nargs="+", help="model directories, .gguf files or packaged:NAME (several: an ensemble)")
-    q.add_argument("--prompt", required=True)
-    q.add_argument("--max-bytes", type=int, default=80)
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    q.add_argument("--top-p", type=float, default=1.0)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--weights", nargs="+", type=float, metavar="W", help="ensemble weights (default: equal)")
+    prompt = q.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt; its bytes are taken as the system passes them, so it may "
+                                         "end inside a UTF-8 character")
+    prompt.add_argument("--prompt-hex", metavar="HEX", help="the prompt as hexadecimal bytes (any bytes)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="the prompt: the file's bytes, as they are")
+    q.add_argument("--max-bytes", type=POSITIVE, default=80)
+    q.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
+    q.add_argument("--top-p", type=_number(False, low=0, high=1, low_open=True), default=1.0)
+    q.add_argument("--seed", type=_seed, default=0)
+    q.add_argument("--weights", nargs="+", type=NON_NEGATIVE_FLOAT, metavar="W",
+                   help="ensemble weights (default: equal)")
     q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"])
-    _output_flags(q, quiet=False)
+    _allow_pickle_flag(q)
+    _output_flags(q)
     q.set_defaults(func=cmd_bytes_generate)
 
     p = sub.add_parser("heal", help="train a transplanted model: embeddings, ALM distillation from the original, or SFT")
@@ -516,79 +604,134 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loss: LM loss (embeddings, sft), ALM against the teacher, or both (default embeddings)")
     p.add_argument("--train", choices=["embeddings", "new-rows", "all", "lora"],
                    help="what trains (default: embeddings for --mode embeddings, lora for alm, all for sft)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--window", type=int, default=1024, help="bytes per training window (default 1024)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 embeddings, 2e-4 lora, 3e-5 all)")
-    p.add_argument("--embedding-lr", type=float,
+    p.add_argument("--steps", type=POSITIVE, default=100)
+    p.add_argument("--batch-size", type=POSITIVE, default=4, help="windows per micro-batch per process")
+    p.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--window", type=_number(True, low=16), default=1024, help="bytes per training window (default 1024)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, help="peak learning rate (default: 1e-3 embeddings, 2e-4 lora, 3e-5 all)")
+    p.add_argument("--embedding-lr", type=POSITIVE_FLOAT,
                    help="peak learning rate of the embedding matrices when the body trains too (default 1e-3)")
-    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: 5%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--warmup", type=_number(True, low=-1), default=-1, help="warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+    p.add_argument("--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--chunks", default="word", choices=["word", "token"],
                    help="ALM chunks: end before whitespace with space-probability debiasing (word), or at every "
                         "common token boundary (token)")
-    p.add_argument("--temperature", type=float, default=100.0, help="ALM binarisation temperature")
-    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss in --mode alm+embeddings")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=100.0, help="ALM binarisation temperature")
+    p.add_argument("--lm-weight", type=NON_NEGATIVE_FLOAT, default=1.0,
+                   help="weight of the LM loss in --mode alm+embeddings")
+    p.add_argument("--lora-rank", type=POSITIVE, default=16)
+    p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=32.0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=50, metavar="N",
                    help="save a resumable checkpoint in OUT.checkpoints every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.checkpoints")
-    p.add_argument("--stop-after", type=int, metavar="K", help="stop after step K without writing OUT")
+    p.add_argument("--stop-after", type=POSITIVE, metavar="K", help="stop after step K without writing OUT")
     p.add_argument("--force", action="store_true", help="replace OUT and an old run's checkpoints")
-    _output_flags(p, quiet=True)
+    _allow_pickle_flag(p)
+    _output_flags(p)
     p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
     p.add_argument("out", help="a directory written by tokenbridge transplant")
     p.add_argument("token", help="a target token (as the tokenizer writes it), an id with --id, or any text")
     p.add_argument("--id", action="store_true", help="TOKEN is a target id (or comma-separated ids)")
-    p.add_argument("--top", type=int, default=12, help="source rows listed per token (default 12)")
-    _output_flags(p, quiet=False)
+    p.add_argument("--top", type=POSITIVE, default=12, help="source rows listed per token (default 12)")
+    _output_flags(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("vectors", help="train word vectors on text (.vec), e.g. for the wechsel method")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
     p.add_argument("--out", required=True, metavar="VEC", help="output file in word2vec text format")
-    p.add_argument("--dim", type=int, default=100)
-    p.add_argument("--window", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--min-count", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dim", type=POSITIVE, default=100)
+    p.add_argument("--window", type=POSITIVE, default=5)
+    p.add_argument("--epochs", type=POSITIVE, default=5)
+    p.add_argument("--min-count", type=POSITIVE, default=2)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--force", action="store_true", help="replace VEC if it exists")
     _output_flags(p)
     p.set_defaults(func=cmd_vectors)
 
     p = sub.add_parser("methods", help="list initialisation methods")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_methods)
+    p.set_defaults(func=cmd_methods, quiet=False)
     return parser
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """transformers' warnings and progress bars always off: tokenbridge reports problems itself, in one
+    line, and shows its own progress bars for long work; with ``--quiet`` Python warnings (numpy's among
+    them) are off too."""
+    import warnings
+
+    from .load.hf import set_quiet
+
+    set_quiet(quiet)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if quiet:
+        warnings.simplefilter("ignore")
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        text = error.strerror or str(error) or type(error).__name__
+        return f"{error.filename}: {text}" if error.filename else text
+    return str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "transplant" and not any(a.startswith("-") for a in extra):
-        args.paths += extra  # OUT after the options: SOURCE --train-tokenizer FILE... --vocab-size N OUT
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command == "transplant" and not any(a.startswith("-") for a in extra):
+            args.paths += extra  # OUT after the options: SOURCE --train-tokenizer FILE... --vocab-size N OUT
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help, or a one-line usage error (already printed)
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, _terminate)
+        except (ValueError, OSError):  # not the main thread, or no such signal here
+            pass
+    debug = getattr(args, "debug", False)
+    try:
+        _quiet_libraries(getattr(args, "quiet", False))
         return args.func(args)
     except TokenbridgeError as error:
-        if getattr(args, "debug", False):
+        if debug:
             traceback.print_exc()
         print(f"tokenbridge: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tokenbridge: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"tokenbridge: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+    except BrokenPipeError:  # the reader went away (``| head``): nothing more to say to it
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        return 141
     except OSError as error:
-        if getattr(args, "debug", False):
+        if debug:
             traceback.print_exc()
-        print(f"tokenbridge: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        print(f"tokenbridge: error: {_error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

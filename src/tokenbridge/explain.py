@@ -27,7 +27,7 @@ def load_record(out: Path) -> dict:
 def _source_tokens(record: dict) -> list[str] | None:
     """The source tokenizer's token strings, when the source is still where the record says."""
     from .load.tokenizer import load_tokenizer
-    from .pipeline import resolve_source
+    from .load.model import resolve_source
 
     try:
         tokenizer = load_tokenizer(resolve_source(Path(record["source"])))

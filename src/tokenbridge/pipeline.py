@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .align.encode import ByteEncoder
 from .align.token_bytes import Vocabulary, vocabulary
 from .align.vocab import ROLES, Alignment, align
@@ -24,6 +25,8 @@ from .arch.spec import set_dotted
 from .errors import TokenbridgeError
 from .init.registry import MethodInputs, TransplantContext, check_resources, get_method, make_config
 from .load.checkpoint import Checkpoint, open_checkpoint
+from .load.hf import load_config
+from .load.model import resolve_source  # noqa: F401 (re-exported for callers of pipeline.resolve_source)
 from .load.tokenizer import load_tokenizer
 from .report import RowProvenance, SpecialMatch, TransplantReport, peak_rss_mb
 from .write.output_dir import check_output, staged_output
@@ -42,20 +45,6 @@ class VocabTensors:
     output_bias: list[str]
 
 
-def resolve_source(source: Path) -> Path:
-    """A model directory for ``source`` (a ``.gguf`` file is dequantised once and cached)."""
-    source = Path(source)
-    if not source.exists():
-        raise TokenbridgeError(f"{source}: no such file or directory")
-    if source.is_file():
-        if source.suffix != ".gguf":
-            raise TokenbridgeError(f"{source}: expected a model directory or a .gguf file")
-        from .load.gguf import cached_model_dir
-
-        return cached_model_dir(source)
-    return source
-
-
 def locate_vocab_tensors(checkpoint: Checkpoint, spec: ArchSpec, tied: bool) -> VocabTensors:
     present = checkpoint.tensors
     found = VocabTensors(
@@ -71,7 +60,18 @@ def locate_vocab_tensors(checkpoint: Checkpoint, spec: ArchSpec, tied: bool) -> 
         raise TokenbridgeError(
             f"{checkpoint.directory}: untied model without an output head (looked for {', '.join(spec.output)})"
         )
+    for kind, names, dims in (("input embeddings", found.input, 2), ("output head", found.output, 2),
+                              ("output bias", found.output_bias, 1)):
+        for name in names:
+            shape = present[name].shape
+            if len(shape) != dims or 0 in shape:
+                raise TokenbridgeError(f"{checkpoint.directory}: {kind} {name} has shape {list(shape)}, "
+                                       f"expected {dims} non-empty dimension{'s' if dims > 1 else ''}")
     rows = present[found.input[0]].shape[0]
+    for name in found.output + found.output_bias:
+        if present[name].shape[0] != rows:
+            raise TokenbridgeError(f"{checkpoint.directory}: {name} has {present[name].shape[0]} rows, the input "
+                                   f"embeddings {rows}")
     known = set(found.input + found.output + found.output_bias)
     for name, entry in present.items():
         if name not in known and rows in entry.shape:
@@ -86,13 +86,7 @@ def is_tied(checkpoint: Checkpoint) -> bool:
     """The config's ``tie_word_embeddings``, with the architecture's default where it is absent."""
     if "tie_word_embeddings" in checkpoint.config:
         return bool(checkpoint.config["tie_word_embeddings"])
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(checkpoint.directory))
-    except Exception as error:  # noqa: BLE001
-        raise TokenbridgeError(f"{checkpoint.directory}/config.json: transformers cannot read it ({error})") from None
-    return bool(getattr(config, "tie_word_embeddings", True))
+    return bool(getattr(load_config(checkpoint.directory), "tie_word_embeddings", True))
 
 
 def padded_size(target_size: int, source_rows: int, source_vocab: int) -> int:
@@ -238,6 +232,7 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     Returns the written directory and a :class:`TransplantReport`.  ``method="auto"`` tries the
     methods the options allow and keeps the best on held-out text (:mod:`tokenbridge.auto`).
     """
+    seed = checks.seed(seed)
     if method == "auto":
         from .auto import auto_transplant
 

@@ -161,6 +161,29 @@ def _token_bytes(token: str, family: str, byte_fallback: bool, prefix: str) -> t
     raise AssertionError(family)
 
 
+def ids_by_token(vocab: dict[str, int], name: str) -> dict[int, str]:
+    """``{id: token}`` of a ``{token: id}`` vocabulary whose ids must be exactly ``0 .. len - 1``.
+
+    Checked before anything of the ids' size is allocated: a single id of 200,000,000 in a small file
+    must be an error, not a 200M-element list.
+    """
+    if not vocab:
+        raise TokenbridgeError(f"{name}: the tokenizer's vocabulary is empty")
+    by_id: dict[int, str] = {}
+    for token, index in vocab.items():
+        other = by_id.setdefault(index, token)
+        if other != token:
+            first, second = sorted((other, token))
+            raise TokenbridgeError(f"{name}: id {index} has two tokens, {first!r} and {second!r}")
+    size = len(by_id)
+    top = max(by_id)
+    if top >= size or min(by_id) < 0:
+        missing = next(i for i in range(size) if i not in by_id)
+        raise TokenbridgeError(f"{name}: the tokenizer's ids are not contiguous (id {missing} has no token, "
+                               f"the largest is {top})")
+    return by_id
+
+
 def vocabulary(tokenizer) -> Vocabulary:
     """Byte view of a transformers fast tokenizer (or a ``tokenizers.Tokenizer``)."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -172,16 +195,10 @@ def vocabulary(tokenizer) -> Vocabulary:
         part.get("type") == "ByteFallback" for part in _walk(spec.get("decoder")))
     prefix = model.get("continuing_subword_prefix") or "##"
     vocab = backend.get_vocab(with_added_tokens=True)
-    if not vocab:
-        raise TokenbridgeError("the tokenizer's vocabulary is empty")
+    name = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    by_id = ids_by_token(vocab, name)
+    size = len(by_id)
     added = backend.get_added_tokens_decoder()
-    size = max(vocab.values()) + 1
-    by_id: dict[int, str] = {}
-    for token, index in vocab.items():
-        by_id[index] = token
-    missing = [i for i in range(size) if i not in by_id]
-    if missing:
-        raise TokenbridgeError(f"the tokenizer's ids are not contiguous (id {missing[0]} has no token)")
     tokens = []
     for index in range(size):
         token = by_id[index]

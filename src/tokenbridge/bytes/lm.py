@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..align.token_bytes import vocabulary as token_vocabulary
+from .. import checks
 from ..errors import TokenbridgeError
 from ..measure.bpb import prefix_token
 from .canon import Canon, State
@@ -403,7 +404,11 @@ class ByteEnsemble:
             raise TokenbridgeError("an ensemble lists the same ByteLM twice; give each member its own (or one "
                                    "member with the summed weight)")
         weights = [1.0] * len(members) if weights is None else list(weights)
-        if len(weights) != len(members) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        if len(weights) != len(members):
+            raise TokenbridgeError("ensemble weights: one non-negative weight per model, not all zero")
+        for weight in weights:
+            checks.number("ensemble weights", weight, low=0)  # NaN and inf never mix
+        if sum(weights) <= 0:
             raise TokenbridgeError("ensemble weights: one non-negative weight per model, not all zero")
         self.members = members
         self.log_weights = np.log(np.asarray(weights, dtype=np.float64) / sum(weights))
@@ -425,9 +430,10 @@ class ByteEnsemble:
     def generate(self, prompt: bytes, max_bytes: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                  seed: int = 0, stop_at_end: bool = True) -> bytes:
         """Sample byte by byte from the mixture; every model keeps its cache across bytes."""
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise TokenbridgeError("temperature must be >= 0 and top_p in (0, 1]")
-        rng = np.random.default_rng(seed)
+        checks.number("temperature", temperature, low=0)
+        checks.number("top_p", top_p, low=0, high=1, low_open=True)
+        checks.number("max_bytes", max_bytes, low=0, integer=True)
+        rng = np.random.default_rng(checks.seed(seed, "seed"))
         cursors = [m.cursor(bytes(prompt)) for m in self.members]
         out = bytearray()
         for _ in range(max_bytes):

@@ -83,11 +83,11 @@ def score(members: list[ByteLM], texts: dict[str, bytes], weights: list[float] |
     return result
 
 
-def load_byte_lm(path: str, prefix: str = "auto") -> ByteLM:
+def load_byte_lm(path: str, prefix: str = "auto", allow_pickle: bool = False) -> ByteLM:
+    from ..load.model import load_causal_lm
     from ..load.packaged import resolve
-    from ..measure.bpb import load_causal_lm
 
-    model, tokenizer = load_causal_lm(resolve(path))
+    model, tokenizer = load_causal_lm(resolve(path), allow_pickle=allow_pickle)
     return ByteLM(model, tokenizer, prefix=prefix, name=str(path))
 
 

@@ -36,6 +36,7 @@ class Corpus:
         if not paths:
             raise TokenbridgeError("no training text (pass --text FILE)")
         self.paths = [str(p) for p in paths]
+        self.window = window
         self.documents = [read_text(Path(p)).encode("utf-8") for p in paths]
         self.windows = [Window(d, a, b) for d, data in enumerate(self.documents) for a, b in byte_windows(data, window)]
         self._orders: dict[tuple[int, int], np.ndarray] = {}

@@ -22,9 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..errors import TokenbridgeError
+from ..load.model import check_context, context_length, load_causal_lm, resolve_source
 from ..report import REPORT_NAME
-from ..write.output_dir import check_output, staged_output
+from ..write.manifest import MANIFEST_NAME, model_digest, verify_manifest, write_manifest
+from ..write.output_dir import apply_umask, check_output, replace_path, staged_output, sweep_orphans, temp_dir
 from .chunks import CHUNK_KINDS
 from .data import Corpus, Side, alm_batch, lm_batch
 from .losses import (
@@ -46,7 +49,7 @@ MODES = ("embeddings", "alm", "alm+embeddings", "sft")
 DEFAULT_TRAIN = {"embeddings": "embeddings", "alm": "lora", "alm+embeddings": "lora", "sft": "all"}
 DEFAULT_LR = {"embeddings": 1e-3, "new-rows": 1e-3, "lora": 2e-4, "all": 3e-5}
 HEAL_REPORT = "tokenbridge-heal.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -91,13 +94,15 @@ class HealConfig:
             raise TokenbridgeError(f"unknown --mode {self.mode!r} ({', '.join(MODES)})")
         if self.chunks not in CHUNK_KINDS:
             raise TokenbridgeError(f"unknown --chunks {self.chunks!r} ({', '.join(CHUNK_KINDS)})")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise TokenbridgeError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.window < 16:
-            raise TokenbridgeError("--window must be at least 16 bytes")
-        if self.temperature <= 0:
-            raise TokenbridgeError("--temperature must be positive")
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank"):
+            checks.number(_flag(name), getattr(self, name), low=1, integer=True)
+        checks.number("--window", self.window, low=16, integer=True)
+        checks.number("--warmup", self.warmup, low=-1, integer=True)
+        checks.seed(self.seed)
+        for name in ("lr", "embedding_lr", "weight_decay", "max_grad_norm", "lm_weight"):
+            checks.number(_flag(name), getattr(self, name), low=0)  # lr 0: the default for what trains
+        for name in ("temperature", "lora_alpha"):
+            checks.number(_flag(name), getattr(self, name), low=0, low_open=True)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise TokenbridgeError(f"unknown --precision {self.precision!r} (auto, fp32, bf16)")
         config = HealConfig(**asdict(self))
@@ -135,10 +140,19 @@ class HealReport:
     def tokens_per_second(self) -> float:
         return self.student_tokens / self.seconds if self.seconds else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, timings: bool = True) -> dict:
+        """The report; without ``timings`` (what OUT's file holds) it is the same for the same run, every time:
+        no seconds, no tokens per second, and not where a resumed run was resumed."""
         data = asdict(self)
         data["tokens_per_second"] = round(self.tokens_per_second, 2)
+        if not timings:
+            for key in ("seconds", "tokens_per_second", "resumed_from"):
+                del data[key]
         return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def lr_factor(step: int, config: HealConfig) -> float:
@@ -161,29 +175,37 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealConfig, report: HealReport) -> Path:
-    """``step-N/``: trained tensors and AdamW state as safetensors, the rest as JSON; replaces older steps."""
+def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealConfig, report: HealReport,
+                    inputs: dict) -> Path:
+    """``step-N/``: trained tensors and AdamW state as safetensors, the rest as JSON, every file's checksum
+    in a manifest; built in a temp dir and renamed, then older steps are removed."""
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(directory)
     final = directory / f"step-{step:08d}"
-    tmp = directory / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.contiguous().cpu()
-            else:
-                scalars[f"{index}.{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({
-        "format": CHECKPOINT_FORMAT, "step": step, "fingerprint": config.fingerprint(), "config": asdict(config),
-        "param_groups": state["param_groups"], "optimizer_scalars": scalars,
-        "param_names": _optimizer_param_names(model, optimizer),
-        "report": report.to_dict()}, indent=1))
-    tmp.rename(final)
+    tmp = temp_dir(directory, final.name)
+    try:
+        save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.contiguous().cpu()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "format": CHECKPOINT_FORMAT, "step": step, "fingerprint": config.fingerprint(), "config": asdict(config),
+            "inputs": inputs, "param_groups": state["param_groups"], "optimizer_scalars": scalars,
+            "param_names": _optimizer_param_names(model, optimizer),
+            "report": report.to_dict()}, indent=1))
+        write_manifest(tmp)
+        apply_umask(tmp)
+        replace_path(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in directory.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -196,15 +218,63 @@ def _optimizer_param_names(model, optimizer) -> list[str]:
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def load_checkpoint(path: Path, model, optimizer, config: HealConfig) -> dict:
-    state = json.loads((path / "state.json").read_text())
+def run_inputs(student: Path, student_dir: Path, teacher: Path | None, teacher_dir: Path | None,
+               corpus: Corpus) -> dict:
+    """What a run trains on, by content: a resumed run must have the same student, teacher and texts."""
+    def model(given, directory):
+        return None if directory is None else {"path": str(given), "sha256": model_digest(directory)}
+
+    return {"student": model(student, student_dir), "teacher": model(teacher, teacher_dir),
+            "texts": [{"path": path, "sha256": hashlib.sha256(data).hexdigest()}
+                      for path, data in zip(corpus.paths, corpus.documents)]}
+
+
+def _input_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between the inputs a checkpoint was made with and today's, in words."""
+    changes = []
+    for role in ("student", "teacher"):
+        before, after = saved.get(role), now.get(role)
+        if (before or {}).get("sha256") != (after or {}).get("sha256"):
+            was = before["path"] if before else "none"
+            changes.append(f"the {role} ({after['path'] if after else 'none'}) is not the one the checkpoint was "
+                           f"made with ({was})")
+    old_texts, new_texts = saved.get("texts") or [], now["texts"]
+    if [t["path"] for t in old_texts] != [t["path"] for t in new_texts]:
+        changes.append(f"--text is {' '.join(t['path'] for t in new_texts)}; the checkpoint was made with "
+                       f"{' '.join(t['path'] for t in old_texts)}")
+    else:
+        changes += [f"--text {new['path']} has changed since the checkpoint was made"
+                    for old, new in zip(old_texts, new_texts) if old["sha256"] != new["sha256"]]
+    return changes
+
+
+def _corrupt(path: Path, why: str) -> TokenbridgeError:
+    return TokenbridgeError(f"{path}: the checkpoint is corrupt ({why}); it cannot be resumed: start over with --force")
+
+
+def load_checkpoint(path: Path, model, optimizer, config: HealConfig, inputs: dict) -> dict:
+    problem = verify_manifest(path)
+    if problem == f"no {MANIFEST_NAME}":
+        raise TokenbridgeError(f"{path}: not a checkpoint of this tokenbridge version (it has no checksums); "
+                               "start over with --force")
+    if problem:
+        raise _corrupt(path, problem)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        trained = load_file(str(path / "trainable.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as error:  # noqa: BLE001 - checksums matched, so the writer was at fault
+        raise _corrupt(path, f"{type(error).__name__}: {error}") from None
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TokenbridgeError(f"{path}: not a tokenbridge heal checkpoint of this version")
     if state["fingerprint"] != config.fingerprint():
         changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
         raise TokenbridgeError(f"{path}: the checkpoint was made with other settings ({', '.join(changed)} differ); "
                                "resume with the same options")
-    trained = load_file(str(path / "trainable.safetensors"))
+    changes = _input_changes(state.get("inputs") or {}, inputs)
+    if changes:
+        raise TokenbridgeError(f"{path}: cannot resume: {'; '.join(changes)} (resume with the same inputs, "
+                               "or start over with --force)")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trained]
     if missing or any(n not in params for n in trained):
@@ -214,7 +284,6 @@ def load_checkpoint(path: Path, model, optimizer, config: HealConfig) -> dict:
             params[name].copy_(tensor)
     if _optimizer_param_names(model, optimizer) != state["param_names"]:
         raise TokenbridgeError(f"{path}: the checkpoint's optimizer covers other parameters")
-    tensors = load_file(str(path / "optimizer.safetensors"))
     restored: dict[int, dict] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
@@ -224,6 +293,21 @@ def load_checkpoint(path: Path, model, optimizer, config: HealConfig) -> dict:
         restored.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
     return state
+
+
+def check_windows_fit(corpus: Corpus, side: Side, context: int | None, who: str) -> None:
+    """Every training window, tokenized with the prefix token, must fit the model's context.
+
+    A token spells at least one byte (a normaliser may add one), so windows of ``window + 2`` bytes or
+    fewer always fit; longer windows are tokenized and measured before training starts.
+    """
+    if context is None or corpus.window + 2 <= context:
+        return
+    for begin in range(0, len(corpus.windows), 256):
+        chosen = corpus.windows[begin:begin + 256]
+        lengths = [len(ids) + 1 for ids in side.encode([corpus.text(w)[0] for w in chosen])]
+        longest = max(lengths)
+        check_context(longest, context, "--window", "a training window", who)
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -272,21 +356,24 @@ def _micro_loss(batch, model, teacher, student_side: Side, teacher_side: Side, c
 
 def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teacher: Path | None = None,
          resume: bool = False, force: bool = False, progress: bool = True, checkpoint_every: int = 0,
-         stop_after: int | None = None) -> tuple[Path, HealReport]:
+         stop_after: int | None = None, allow_pickle: bool = False) -> tuple[Path, HealReport]:
     """Train ``student`` on ``texts`` as ``config`` says and write the healed model to ``out``.
 
     Every ``checkpoint_every`` steps (and at the end) the trained tensors and optimizer state go to
     ``OUT.checkpoints/``; ``resume`` continues from there exactly.  ``stop_after`` ends the run after
     that many steps without writing ``out`` (as if it had been interrupted; for tests and time-boxed runs).
+    A resumed run must have the same settings and the same inputs (student, teacher and texts, by content).
     """
-    from ..measure.bpb import load_causal_lm
-    from ..pipeline import resolve_source
-
     config = config.resolved()
+    checks.number("checkpoint_every", checkpoint_every, low=0, integer=True)
+    if stop_after is not None:
+        checks.number("stop_after", stop_after, low=1, integer=True)
     out = Path(out)
     student_dir = resolve_source(Path(student))
-    inputs = [student_dir] + ([resolve_source(Path(teacher))] if teacher else [])
+    teacher_dir = resolve_source(Path(teacher)) if teacher else None
+    inputs = [student_dir] + ([teacher_dir] if teacher_dir else [])
     check_output(out, force, protected=inputs + [Path(t) for t in texts])
+    check_output(checkpoint_dir(out), True, protected=inputs + [Path(t) for t in texts])
     if config.mode in ("alm", "alm+embeddings") and teacher is None:
         raise TokenbridgeError(f"--mode {config.mode} needs --teacher (the original model)")
     checkpoints = checkpoint_dir(out)
@@ -307,14 +394,18 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
                                "process or with DDP (accelerate launch --multi_gpu), which copies the model per GPU")
     device = accelerator.device
     torch.manual_seed(config.seed)
-    model, tokenizer = load_causal_lm(student_dir)
+    model, tokenizer = load_causal_lm(student_dir, allow_pickle=allow_pickle)
     student_side = Side(tokenizer, model.get_output_embeddings().weight.shape[0])
+    check_windows_fit(corpus, student_side, context_length(model.config), "the student")
     teacher_model = teacher_side = None
     if config.mode in ("alm", "alm+embeddings"):
-        teacher_model, teacher_tokenizer = load_causal_lm(inputs[1])
+        teacher_model, teacher_tokenizer = load_causal_lm(teacher_dir, allow_pickle=allow_pickle)
         teacher_model.requires_grad_(False)
         teacher_model.to(device)
         teacher_side = Side(teacher_tokenizer, teacher_model.get_output_embeddings().weight.shape[0])
+        check_windows_fit(corpus, teacher_side, context_length(teacher_model.config), "the teacher")
+    run = run_inputs(student, student_dir, teacher if teacher_model is not None else None,
+                     teacher_dir if teacher_model is not None else None, corpus)
     model = select_trainable(model, config.train, student_dir, LoraSettings(config.lora_rank, config.lora_alpha))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -328,12 +419,12 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     report = HealReport(str(student), str(teacher) if teacher else None, corpus.paths, asdict(config),
                         accelerator.num_processes, str(device))
     if found:
-        state = load_checkpoint(found, model, optimizer, config)
+        state = load_checkpoint(found, model, optimizer, config, run)
         start = state["step"]
         previous = state["report"]
         report.losses = [tuple(x) for x in previous["losses"]]
         report.student_tokens, report.teacher_tokens = previous["student_tokens"], previous["teacher_tokens"]
-        report.seconds, report.resumed_from = previous["seconds"], start
+        report.seconds, report.resumed_from, report.steps_done = previous["seconds"], start, start
     model, optimizer = accelerator.prepare(model, optimizer)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -385,7 +476,7 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{report.tokens_per_second:.0f}")
         due = checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps)
         if due and accelerator.is_main_process:
-            save_checkpoint(checkpoints, step + 1, accelerator.unwrap_model(model), optimizer, config, report)
+            save_checkpoint(checkpoints, step + 1, accelerator.unwrap_model(model), optimizer, config, report, run)
         accelerator.wait_for_everyone()
         if stop_after is not None and step + 1 >= stop_after:
             bar.close()
@@ -431,5 +522,5 @@ def _write_model(model, tokenizer, student_dir: Path, out: Path, force: bool, re
         tokenizer.save_pretrained(str(tmp))
         if (student_dir / REPORT_NAME).is_file():
             shutil.copyfile(student_dir / REPORT_NAME, tmp / REPORT_NAME)
-        (tmp / HEAL_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        (tmp / HEAL_REPORT).write_text(json.dumps(report.to_dict(timings=False), indent=1) + "\n")
     return out

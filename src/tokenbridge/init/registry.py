@@ -23,6 +23,7 @@ import torch
 
 from ..align.encode import ByteEncoder
 from ..align.token_bytes import TokenInfo, Vocabulary
+from ..checks import number
 from ..errors import TokenbridgeError
 
 
@@ -143,6 +144,8 @@ def make_config(method: Method, options: dict | None):
             known = ", ".join(fields) or "none"
             raise TokenbridgeError(f"method {method.name!r} has no option {key!r} (options: {known})")
         kwargs[key] = _convert(hints[key], value, key)
+        if hints[key] is float and isinstance(kwargs[key], (int, float)):
+            number(f"option {key}", kwargs[key])  # NaN and inf are never a setting
     return method.config_cls(**kwargs)
 
 

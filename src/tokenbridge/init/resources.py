@@ -41,9 +41,10 @@ def load_vocab_matrices(model: str | Path, what: str, expect: Vocabulary | None 
     """
     from ..arch import arch_spec
     from ..load.checkpoint import open_checkpoint
+    from ..load.model import resolve_source
     from ..load.packaged import resolve
     from ..load.tokenizer import load_tokenizer
-    from ..pipeline import is_tied, locate_vocab_tensors, resolve_source
+    from ..pipeline import is_tied, locate_vocab_tensors
 
     path = resolve(str(model))
     if not path.exists():

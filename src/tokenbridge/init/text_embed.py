@@ -46,6 +46,7 @@ class TextEmbedder:
                  what: str = "aux_model"):
         from transformers import AutoModel, AutoTokenizer
 
+        from ..load.hf import quiet_transformers
         from ..load.packaged import resolve
 
         if max_length < 3:
@@ -57,8 +58,10 @@ class TextEmbedder:
             raise TokenbridgeError(f"{what} {path}: no such directory (a text-embedding model directory "
                                    "or packaged:minilm)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            self.model = AutoModel.from_pretrained(str(path)).to(DTYPES[dtype]).eval()
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+                self.model = AutoModel.from_pretrained(str(path), trust_remote_code=False,
+                                                       use_safetensors=True).to(DTYPES[dtype]).eval()
         except Exception as error:  # noqa: BLE001 - transformers raises many kinds
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise TokenbridgeError(f"{what} {path}: transformers cannot load it as a text-embedding model "

@@ -98,32 +98,63 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise TokenbridgeError(f"{path}: corrupt safetensors header (not JSON)") from None
+    except RecursionError:
+        raise TokenbridgeError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
-        raise TokenbridgeError(f"{path}: corrupt safetensors header")
+        raise TokenbridgeError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise TokenbridgeError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_len
-    end = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, stop = info["data_offsets"]
-            dtype = info["dtype"]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise TokenbridgeError(f"{path}: corrupt safetensors entry {name!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise TokenbridgeError(f"{path}: unsupported dtype {dtype} for {name}")
+        begin, stop, dtype, shape = _entry(path, name, info)
         numel = 1
         for dim in shape:
             numel *= dim
         if stop - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
             raise TokenbridgeError(f"{path}: corrupt safetensors entry {name!r} (size does not match shape)")
-        end = max(end, stop)
-    if data_start + end != size:
+        spans.append((begin, stop, name))
+    spans.sort()
+    position = 0
+    for begin, stop, name in spans:
+        if begin != position:
+            problem = "overlaps another" if begin < position else "leaves a gap before it"
+            raise TokenbridgeError(f"{path}: corrupt safetensors entry {name!r} ({problem})")
+        position = stop
+    if data_start + position != size:
         raise TokenbridgeError(
-            f"{path}: truncated or corrupt safetensors file ({size} bytes, header describes {data_start + end})"
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header describes {data_start + position})"
         )
     return header, data_start
+
+
+def _entry(path: Path, name: str, info) -> tuple[int, int, str, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry, every field's type checked."""
+    def bad(why: str):
+        return TokenbridgeError(f"{path}: corrupt safetensors entry {name!r} ({why})")
+
+    if not isinstance(info, dict):
+        raise bad("not an object")
+    offsets, dtype, shape = info.get("data_offsets"), info.get("dtype"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(x) for x in offsets)):
+        raise bad("data_offsets must be two non-negative integers")
+    if offsets[0] > offsets[1]:
+        raise bad("data_offsets end before they begin")
+    if not isinstance(dtype, str):
+        raise bad("dtype must be a string")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise TokenbridgeError(f"{path}: unsupported dtype {dtype} for {name}")
+    if not (isinstance(shape, list) and all(_whole(x) for x in shape)):
+        raise bad("shape must be a list of non-negative integers")
+    return offsets[0], offsets[1], dtype, tuple(shape)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _load_config(directory: Path) -> dict:
@@ -156,6 +187,22 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+def weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], list[Path]]:
+    """``(safetensors shards, [])``, or ``([], pickle files)`` when there are only those and ``allow_pickle``."""
+    files = _safetensors_files(directory)
+    if files:
+        return files, []
+    pickles = _pickle_files(directory)
+    if not pickles:
+        raise TokenbridgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    if not allow_pickle:
+        raise TokenbridgeError(
+            f"{directory}: only a pickle checkpoint ({pickles[0].name}); pickle can run code when loaded, "
+            "pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    return [], pickles
+
+
 def _pickle_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name in PICKLE_NAMES or p.name.startswith("pytorch_model-"))
 
@@ -164,7 +211,10 @@ def _convert_pickle(directory: Path, pickles: list[Path]) -> tuple[Path, tempfil
     """Load a pickle checkpoint with ``weights_only=True`` and save it as safetensors in a temp dir."""
     from safetensors.torch import save_file
 
-    tmp = tempfile.TemporaryDirectory(prefix="tokenbridge-pickle-")
+    from ..write.output_dir import owner_prefix, sweep_orphans
+
+    sweep_orphans(Path(tempfile.gettempdir()))
+    tmp = tempfile.TemporaryDirectory(prefix=owner_prefix("pickle"), dir=tempfile.gettempdir())
     state: dict[str, torch.Tensor] = {}
     for path in pickles:
         if path.suffix == ".json":
@@ -193,17 +243,9 @@ def open_checkpoint(directory: Path, allow_pickle: bool = False) -> Checkpoint:
     if not directory.is_dir():
         raise TokenbridgeError(f"{directory}: expected a model directory or a .gguf file")
     config = _load_config(directory)
-    files = _safetensors_files(directory)
+    files, pickles = weight_files(directory, allow_pickle)
     keepalive = None
-    if not files:
-        pickles = _pickle_files(directory)
-        if not pickles:
-            raise TokenbridgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        if not allow_pickle:
-            raise TokenbridgeError(
-                f"{directory}: only a pickle checkpoint ({pickles[0].name}); pickle can run code when loaded, "
-                "pass --allow-pickle to load it with torch.load(weights_only=True)"
-            )
+    if pickles:
         converted, keepalive = _convert_pickle(directory, pickles)
         files = [converted]
     tensors: dict[str, TensorEntry] = {}

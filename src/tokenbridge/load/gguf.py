@@ -8,18 +8,17 @@ config on the meta device, assign the dequantised tensors, and save that.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
-import os
 import struct
+import sys
 from pathlib import Path
 
+from ..cache import cache_root
 from ..errors import TokenbridgeError
-from ..write.output_dir import check_output, staged_output
-
-
-def cache_root() -> Path:
-    root = os.environ.get("TOKENBRIDGE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "tokenbridge"
+from ..write.manifest import verify_manifest
+from .hf import first_line, quiet_transformers
+from ..write.output_dir import check_output, staged_output, sweep_orphans
 
 
 def file_digest(path: Path) -> str:
@@ -76,9 +75,11 @@ class _Cursor:
 
 
 def validate_gguf(path: Path) -> None:
-    """Walk the GGUF header and tensor table and check every tensor's bytes lie inside the file.
+    """Walk the GGUF header and tensor table and check that the tensors account for the whole data region.
 
-    A corrupt or truncated file is a one-line error, found without reading tensor data.
+    Every tensor starts on a multiple of ``general.alignment``, no two overlap, only alignment padding lies
+    between them, and the last one ends at the end of the file (give or take padding).  A bogus tensor count
+    or a truncated file is a one-line error, found without reading tensor data.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,51 +102,120 @@ def validate_gguf(path: Path) -> None:
                 value = cursor.skip_value(cursor.take("<I"))
                 if key == b"general.alignment":
                     alignment = int(value)
-            end = 0
+            if alignment <= 0:
+                raise ValueError(f"general.alignment is {alignment}")
+            tensors, names = [], set()
             for _ in range(tensor_count):
-                cursor.string()
+                name = cursor.string().decode("utf-8", "replace")
+                if name in names:
+                    raise ValueError(f"tensor {name} is listed twice")
+                names.add(name)
                 dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(cursor.take("<I"))]
+                kind = GGMLQuantizationType(cursor.take("<I"))
+                block, type_size = GGML_QUANT_SIZES[kind]
                 offset = cursor.take("<Q")
-                numel = 1
-                for dim in dims:
-                    numel *= dim
-                end = max(end, offset + numel // block * type_size)
-            data_start = -(-cursor.at // alignment) * alignment
-            if data_start + end > len(data):
-                raise ValueError(f"tensor data ends at byte {data_start + end}, file has {len(data)}")
+                if dims and dims[0] % block:
+                    raise ValueError(f"tensor {name} has rows of {dims[0]}, not whole {kind.name} blocks of {block}")
+                if offset % alignment:
+                    raise ValueError(f"tensor {name} starts at offset {offset}, not a multiple of {alignment}")
+                tensors.append((offset, offset + math.prod(dims) // block * type_size, name))
+            data_start = _align(cursor.at, alignment)
+            position = 0
+            for offset, stop, name in sorted(tensors):
+                if offset < position:
+                    raise ValueError(f"tensor {name} overlaps the tensor before it")
+                if offset != _align(position, alignment):
+                    raise ValueError(f"{offset - position} bytes before tensor {name} belong to no tensor")
+                position = stop
+            end = data_start + position if tensors else min(data_start, len(data))
+            if end > len(data):
+                raise ValueError(f"tensor data ends at byte {end}, file has {len(data)}")
+            if len(data) - end >= alignment:
+                raise ValueError(f"the last {len(data) - end} bytes belong to none of the "
+                                 f"{tensor_count} tensors listed")
     except (ValueError, KeyError, OverflowError, struct.error) as error:
         raise TokenbridgeError(f"{path}: corrupt or truncated GGUF file ({error})") from None
+
+
+def _align(position: int, alignment: int) -> int:
+    return -(-position // alignment) * alignment
 
 
 def _save_tokenizer(gguf: Path, directory: Path) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
-        raise TokenbridgeError(f"{gguf}: cannot read its tokenizer ({error})") from None
+        raise TokenbridgeError(f"{gguf}: cannot read its tokenizer ({first_line(error)})") from None
     tokenizer.save_pretrained(str(directory))
 
 
-def convert_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
-    """Write a dequantised float32 Hugging Face directory (model + tokenizer) for ``gguf``."""
+def _load_report_problem(info: dict) -> str | None:
+    """The first problem in transformers' load report (``output_loading_info``), in a few words."""
+    for field, state in (("missing_keys", "missing from the file"), ("unexpected_keys", "not in the architecture")):
+        keys = sorted(info.get(field) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            return f"weight {keys[0]} is {state}{more}"
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda entry: entry[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        return f"weight {key} has shape {list(found)}, the architecture expects {list(expected)}"
+    errors = info.get("error_msgs") or []
+    if errors:
+        return first_line(errors[0])
+    return None
+
+
+def _load_gguf_model(gguf: Path):
+    """transformers' dequantised model for ``gguf``.
+
+    Any key its load report flags (missing, unexpected, mismatched) or a non-finite weight is an error.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_transformers():  # we report the load report's problems ourselves, as one line
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False,
+                output_loading_info=True, ignore_mismatched_sizes=True)  # mismatches come back in info
+    except Exception as error:  # noqa: BLE001
+        raise TokenbridgeError(f"{gguf}: transformers cannot load it ({first_line(error)})") from None
+    problem = _load_report_problem(info)
+    if problem is not None:
+        raise TokenbridgeError(f"{gguf}: {problem}; the file does not match its architecture")
+    seen = set()
+    for name, tensor in loaded.state_dict().items():
+        if tensor.data_ptr() in seen or not tensor.is_floating_point():
+            continue
+        seen.add(tensor.data_ptr())
+        if not torch.isfinite(tensor).all():
+            raise TokenbridgeError(f"{gguf}: weight {name} holds NaN or infinite values; the file is corrupt")
+    return loaded
+
+
+def convert_gguf(gguf: Path, out: Path, force: bool = False, cache: bool = False) -> Path:
+    """Write a dequantised float32 Hugging Face directory (model + tokenizer) for ``gguf``.
+
+    ``cache``: ``out`` is a cache entry (inside :func:`cache_root`); it gets a manifest of checksums.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     gguf, out = Path(gguf), Path(out)
     validate_gguf(gguf)
-    check_output(out, force, protected=[gguf])
-    with staged_output(out, force) as tmp:
-        try:
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        except Exception as error:  # noqa: BLE001
-            raise TokenbridgeError(f"{gguf}: transformers cannot load it ({error})") from None
+    check_output(out, force, protected=[gguf], allow_cache=cache)
+    # a cache entry's manifest is written by staged_output, after its last changes to the files
+    with staged_output(out, force, manifest=cache) as tmp:
+        loaded = _load_gguf_model(gguf)
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
         rebuilt.load_state_dict(loaded.state_dict(), assign=True, strict=True)
         rebuilt.tie_weights()
         del loaded
@@ -156,29 +226,45 @@ def convert_gguf(gguf: Path, out: Path, force: bool = False) -> Path:
     return out
 
 
+def _usable_entry(entry: Path) -> bool:
+    """Whether the cache entry ``entry`` exists and matches its manifest; a corrupt one is reported.
+
+    Temp dirs that killed conversions left beside it are swept first.
+    """
+    if entry.parent.is_dir():
+        sweep_orphans(entry.parent)
+    if not entry.exists():
+        return False
+    reason = verify_manifest(entry)
+    if reason is None:
+        return True
+    print(f"tokenbridge: cache entry {entry} is corrupt ({reason}); rebuilding", file=sys.stderr)
+    return False
+
+
 def cached_model_dir(gguf: Path) -> Path:
-    """The converted directory for ``gguf``, converting it on first use."""
+    """The converted directory for ``gguf``, converting it on first use (and again when its checksums fail)."""
     gguf = Path(gguf)
     validate_gguf(gguf)
     target = cache_root() / "gguf" / file_digest(gguf)[:24]
-    if not (target / "config.json").is_file():
+    if not _usable_entry(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf, target, force=True)
+        convert_gguf(gguf, target, force=True, cache=True)
     return target
 
 
 def cached_tokenizer_dir(gguf: Path) -> Path:
-    """A directory holding just the tokenizer embedded in ``gguf`` (cached)."""
+    """A directory holding just the tokenizer embedded in ``gguf`` (cached, verified on every use).
+
+    Its own small entry, not the converted model's: checking the model's checksums would cost every
+    tokenizer load a pass over all its weights.
+    """
     gguf = Path(gguf)
     validate_gguf(gguf)
-    digest = file_digest(gguf)[:24]
-    full = cache_root() / "gguf" / digest
-    if (full / "tokenizer_config.json").is_file():
-        return full
-    target = cache_root() / "gguf-tokenizer" / digest
-    if not (target / "tokenizer_config.json").is_file():
+    target = cache_root() / "gguf-tokenizer" / file_digest(gguf)[:24]
+    if not _usable_entry(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        check_output(target, force=True)
-        with staged_output(target, force=True) as tmp:
+        check_output(target, force=True, allow_cache=True)
+        with staged_output(target, force=True, manifest=True) as tmp:
             _save_tokenizer(gguf, tmp)
     return target

@@ -24,31 +24,46 @@ def tokenizer_dir(path: Path) -> Path:
 
 
 def load_tokenizer(path: Path):
-    """A transformers fast tokenizer for ``path``."""
+    """A transformers fast tokenizer for ``path``; never runs code from ``path`` (``trust_remote_code=False``)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from ..align.token_bytes import ids_by_token
+    from .hf import first_line, quiet_transformers
 
     source = tokenizer_dir(Path(path))
     try:
-        if source.is_file():
-            if source.name != "tokenizer.json" and source.suffix != ".json":
-                raise TokenbridgeError(f"{source}: expected a tokenizer.json, a tokenizer directory or a .gguf file")
-            if (source.parent / "tokenizer_config.json").is_file():
-                tokenizer = AutoTokenizer.from_pretrained(str(source.parent))
+        with quiet_transformers():
+            if source.is_file():
+                if source.name != "tokenizer.json" and source.suffix != ".json":
+                    raise TokenbridgeError(f"{source}: expected a tokenizer.json, a tokenizer directory or a .gguf file")
+                if (source.parent / "tokenizer_config.json").is_file():
+                    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), trust_remote_code=False)
+                else:
+                    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source))
             else:
-                tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(source))
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
+                tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except TokenbridgeError:
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad tokenizer file
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TokenbridgeError(f"{path}: tokenizer does not parse ({message})") from None
+        _config_problem(source if source.is_dir() else source.parent)
+        if "trust_remote_code" in str(error) or "custom code" in str(error):
+            raise TokenbridgeError(f"{path}: the tokenizer asks for its own Python code (auto_map) and transformers "
+                                   "has no class of its own for it; tokenbridge never runs a tokenizer's code") from None
+        raise TokenbridgeError(f"{path}: tokenizer does not parse ({first_line(error)})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise TokenbridgeError(f"{path}: only fast (tokenizers-backed) tokenizers are supported")
     tokenizer = _as_written(tokenizer, source)
-    if len(tokenizer) == 0:
-        raise TokenbridgeError(f"{path}: the tokenizer's vocabulary is empty")
+    ids_by_token(tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True), f"{path}")
     return tokenizer
+
+
+def _config_problem(directory: Path) -> None:
+    """transformers reads a model directory's ``config.json`` to pick the tokenizer class: a bad config is
+    reported as such, not as a tokenizer that does not parse."""
+    if (directory / "config.json").is_file():
+        from .hf import load_config
+
+        load_config(directory)
 
 
 def _as_written(tokenizer, source: Path):
@@ -75,7 +90,7 @@ def _as_written(tokenizer, source: Path):
         return tokenizer
     directory = file.parent
     if (directory / "tokenizer_config.json").is_file():
-        return TokenizersBackend.from_pretrained(str(directory))
+        return TokenizersBackend.from_pretrained(str(directory), trust_remote_code=False)
     return TokenizersBackend(tokenizer_file=str(file))
 
 

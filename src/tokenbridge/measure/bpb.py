@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TokenbridgeError
+from ..load.model import check_context, context_length, load_causal_lm  # noqa: F401 (re-exported)
 from .texts import read_text
 
 DEFAULT_WINDOW = 2048
@@ -38,6 +39,8 @@ def _boundary_at_or_before(data: bytes, index: int) -> int:
 
 def cut_text(data: bytes, limit: int | None) -> bytes:
     """The first ``limit`` bytes of ``data``, moved back to a UTF-8 character boundary."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise TokenbridgeError(f"--bytes must be a positive whole number of bytes, not {limit!r}")
     if limit is None or limit >= len(data):
         return data
     return data[:_boundary_at_or_before(data, limit)]
@@ -131,7 +134,7 @@ class Scorer:
         self.prefix_id, self.prefix = prefix_token(tokenizer, prefix)
         self.logits_budget = logits_budget
         self.vocab = model.get_output_embeddings().weight.shape[0]
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.context = context_length(model.config)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -140,10 +143,7 @@ class Scorer:
     def nll(self, sequences: list[list[int]]) -> list[float]:
         """Sum of ``-ln p(token | previous)`` over every token after the prefix, per sequence (nats)."""
         longest = max(len(s) for s in sequences)
-        if self.context is not None and longest > self.context:
-            raise TokenbridgeError(
-                f"a window is {longest} tokens, more than the model's context of {self.context}; use a smaller --window"
-            )
+        check_context(longest, self.context)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         result = [0.0] * len(sequences)
         position = 0
@@ -184,30 +184,12 @@ def read_texts(paths: list[Path], limit: int | None) -> dict[str, bytes]:
     return {str(path): cut_text(read_text(Path(path)).encode("utf-8"), limit) for path in paths}
 
 
-def load_causal_lm(path):
-    """A model directory (or .gguf, converted and cached) as (model, tokenizer), float32, eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from ..load.tokenizer import load_tokenizer
-    from ..pipeline import resolve_source
-
-    directory = resolve_source(Path(path))
-    if not (directory / "config.json").is_file():
-        raise TokenbridgeError(f"{path}: not a model directory (no config.json)")
-    tokenizer = load_tokenizer(directory)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    except Exception as error:  # noqa: BLE001 - any load failure is a bad model directory
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TokenbridgeError(f"{path}: transformers cannot load it as a causal LM ({message})") from None
-    return model.eval(), tokenizer
-
-
 def evaluate(model_path, text_paths: list[Path], limit: int | None = None, window: int = DEFAULT_WINDOW,
-             prefix: str = "auto", progress: bool = True) -> EvalResult:
+             prefix: str = "auto", progress: bool = True, allow_pickle: bool = False) -> EvalResult:
     """Bits per byte of a causal LM on each file (the first ``limit`` bytes of each)."""
     texts = read_texts(text_paths, limit)
-    model, tokenizer = load_causal_lm(model_path)
+    byte_windows(b"", window)  # the window is checked before the model is loaded
+    model, tokenizer = load_causal_lm(model_path, allow_pickle=allow_pickle)
     scorer = Scorer(model, tokenizer, prefix)
     result = EvalResult(str(model_path), scorer.prefix, window)
     for name, data in tqdm(texts.items(), desc="scoring", unit="file", disable=not progress):

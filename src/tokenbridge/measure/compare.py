@@ -34,7 +34,7 @@ class MethodRun:
 
 
 def run_transplant(source: Path, target: Path, out: Path, method: str, seed: int,
-                   options: dict | None = None) -> dict:
+                   options: dict | None = None, allow_pickle: bool = False) -> dict:
     """``tokenbridge transplant`` in a fresh process; returns its JSON report summary.
 
     ``seconds`` is replaced by the process's wall time (interpreter start and imports included), so that
@@ -42,6 +42,8 @@ def run_transplant(source: Path, target: Path, out: Path, method: str, seed: int
     """
     command = [sys.executable, "-m", "tokenbridge", "transplant", str(source), str(target), str(out),
                "--method", method, "--seed", str(seed), "--quiet", "--json", "--force"]
+    if allow_pickle:
+        command.append("--allow-pickle")
     for key, value in (options or {}).items():
         command += ["-o", f"{key}={value}"]
     started = time.perf_counter()
@@ -57,13 +59,16 @@ def run_transplant(source: Path, target: Path, out: Path, method: str, seed: int
 
 def run_methods(source_dir: Path, target: Path, methods: list[str], text_paths: list[Path], models_dir: Path,
                 limit: int | None = None, window: int = DEFAULT_WINDOW, seed: int = 0, keep_models: bool = False,
-                options: dict[str, dict] | None = None, progress: bool = True) -> list[MethodRun]:
+                options: dict[str, dict] | None = None, progress: bool = True,
+                allow_pickle: bool = False) -> list[MethodRun]:
     """Score the original, then transplant with each method (own process) and score the result."""
-    runs = [MethodRun(ORIGINAL, None, None, evaluate(source_dir, text_paths, limit, window, progress=progress))]
+    runs = [MethodRun(ORIGINAL, None, None, evaluate(source_dir, text_paths, limit, window, progress=progress,
+                                                     allow_pickle=allow_pickle))]
     for method in methods:
         model_dir = models_dir / method
         model_dir.parent.mkdir(parents=True, exist_ok=True)
-        summary = run_transplant(source_dir, target, model_dir, method, seed, (options or {}).get(method))
+        summary = run_transplant(source_dir, target, model_dir, method, seed, (options or {}).get(method),
+                                 allow_pickle)
         result = evaluate(model_dir, text_paths, limit, window, progress=progress)
         runs.append(MethodRun(method, summary["seconds"], summary["peak_rss_mb"], result, summary["counts"]))
         if not keep_models:
@@ -81,11 +86,11 @@ def write_report(directory: Path, report: dict) -> None:
 
 def compare(source, target_tokenizer, methods: list[str], text_paths: list[Path], out, limit: int | None = None,
             window: int = DEFAULT_WINDOW, seed: int = 0, force: bool = False, keep_models: bool = False,
-            options: dict[str, dict] | None = None, progress: bool = True) -> dict:
+            options: dict[str, dict] | None = None, progress: bool = True, allow_pickle: bool = False) -> dict:
     """Write ``report.md``, ``report.json`` and ``bpb.png`` to ``out``; returns the report as a dict."""
     from ..init import get_method
     from ..load.packaged import resolve
-    from ..pipeline import resolve_source
+    from ..load.model import resolve_source
 
     source, target, out = resolve(str(source)), resolve(str(target_tokenizer)), Path(out)
     if not methods:
@@ -96,7 +101,7 @@ def compare(source, target_tokenizer, methods: list[str], text_paths: list[Path]
     source_dir = resolve_source(source)
     with staged_output(out, force) as tmp:
         runs = run_methods(source_dir, target, methods, text_paths, tmp / "models", limit, window, seed,
-                           keep_models, options, progress)
+                           keep_models, options, progress, allow_pickle)
         report = report_dict(str(source), str(target), runs, window, limit, seed)
         write_report(tmp, report)
     return report

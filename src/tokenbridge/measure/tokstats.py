@@ -15,16 +15,26 @@ and with literal special-token strings (``<|im_end|>`` written in the text) enco
   Languages"; the term as used in "Explaining and Mitigating Crosslingual Tokenizer Inequities").
 * :func:`vocab_overlap`: tokens two vocabularies share by exact bytes, and how much of each
   tokenizer's encoding of a text the other vocabulary could express token for token.
+
+A text is encoded in segments of about :data:`SEGMENT` characters, cut where no token can span the
+cut, and a file is read in blocks (:func:`count_text`): memory does not grow with the text, and
+every count is that of the text encoded whole.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 
-from ..align.token_bytes import Vocabulary, is_valid_utf8, vocabulary
+import numpy as np
+
+from ..align.token_bytes import Vocabulary, _walk, is_valid_utf8, tokenizer_spec, vocabulary
 from ..errors import TokenbridgeError
-from .texts import read_text
+from ..tokenizers.style import GPT2_PATTERN, METASPACE_PATTERN, PARAGRAPH
+from .texts import check_text, text_blocks
 
 # Code point ranges of scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar,
 # Khmer, Hiragana + Katakana, Katakana extensions, CJK ideographs (extension A, unified,
@@ -146,9 +156,9 @@ def split_character_bytes(data: bytes) -> int:
     return count
 
 
-def _byte_token_bytes(vocab: Vocabulary) -> dict[int, int]:
-    """id -> bytes of text it emits byte by byte, for the ids that emit any."""
-    out = {}
+def _byte_token_bytes(vocab: Vocabulary) -> np.ndarray:
+    """Per id, the bytes of text the token emits byte by byte (0 for most tokens)."""
+    out = np.zeros(len(vocab), dtype=np.int64)
     for info in vocab.tokens:
         if info.special:
             continue
@@ -159,16 +169,368 @@ def _byte_token_bytes(vocab: Vocabulary) -> dict[int, int]:
     return out
 
 
-def _unspaced(text: str) -> bool:
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return False
-    unspaced = sum(1 for c in letters if any(low <= ord(c) <= high for low, high in UNSPACED_SCRIPTS))
-    return unspaced >= UNSPACED_LETTER_SHARE * len(letters)
+@lru_cache(maxsize=1)
+def _letter_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per code point: is it a letter (``str.isalpha``); is it a letter of one of UNSPACED_SCRIPTS."""
+    letters = np.fromiter(map(str.isalpha, map(chr, range(0x110000))), dtype=bool, count=0x110000)
+    scripts = np.zeros(0x110000, dtype=bool)
+    for low, high in UNSPACED_SCRIPTS:
+        scripts[low:high + 1] = True
+    return letters, letters & scripts
+
+
+def _letters(text: str) -> tuple[int, int]:
+    """(letters, letters of unspaced scripts) in ``text``."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    letters, unspaced = _letter_tables()
+    return int(letters[codes].sum()), int(unspaced[codes].sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: a text encoded in segments, with exactly the tokens of the whole
+#
+# A text is cut at positions p of two kinds:
+#
+# * newline: right after "\n", before a non-space character X;
+# * space: at a single space between two non-space characters (x " " X), before the space.
+#
+# No token of the whole text's encoding spans p when no token of the vocabulary (added tokens
+# included) holds the two units that meet at p as the model sees them after the normalizer
+# (bytes for byte-level tokenizers, characters otherwise): "\n" and X's first unit, or x's last
+# unit and the space's.  Then BPE never applies a merge across p and applies every other merge in
+# the same order on each side.  Unigram and WordPiece need more, a pre-tokenizer that always starts
+# a piece at p (otherwise Unigram's path scores add up from another start, and WordPiece would
+# continue a word); so does BPE when it marks word starts or ends (``##``, ``</w>``), or when it may
+# drop a character missing from its vocabulary (no unknown token and no complete byte alphabet):
+# tokenizers counts a piece's token offsets from the piece's start, so those after a dropped
+# character slide back.  A tokenizer that fuses unknown tokens needs the unit at p in its
+# vocabulary, or an unknown character on each side would become one token.
+#
+# A segment is encoded with CONTEXT characters of its neighbours on each side, and only the tokens
+# that start inside it are counted, so that what happens at the start or end of an encoded string
+# (Prepend, a prefix space, Metaspace's prepend scheme, Strip) happens in the context.  This holds
+# for the normalizers and pre-tokenizers allowed below, whose effect on a character depends on its
+# neighbours no further than that: character-wise normalizers (Strip needs a non-space character
+# before a newline cut), composing ones with the characters around a cut ASCII, and pre-tokenizers
+# whose pieces are decided locally.  Any other tokenizer gets its texts encoded whole.
+
+SEGMENT = 1 << 16  # characters encoded at a time (a 64K-character encoding takes a few MB; 1M, 250 MB)
+CONTEXT = 2  # characters encoded on each side of a segment, whose tokens the next segment counts
+NEWLINE, SPACE = "newline", "space"
+BOTH = frozenset({NEWLINE, SPACE})
+MARK = "\u2581"  # ▁, which metaspace tokenizers write for a space
+CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+# Normalizers that change a character whatever its neighbours (in the middle of a text) ...
+CHARACTER_NORMALIZERS = {"Replace", "Prepend", "Strip", "Lowercase", "StripAccents", "Nmt"}
+# ... and those that may compose a character with the marks after it: cuts among ASCII characters only.
+COMPOSING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "BertNormalizer", "Precompiled"}
+# Llama 3's and Qwen 2's pre-tokenizer regexes.  Like GPT-2's, no piece they make holds a newline and
+# a following non-space character, or a non-space character and a following space.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+PIECE_PATTERNS = {GPT2_PATTERN: BOTH, LLAMA3_PATTERN: BOTH, QWEN2_PATTERN: BOTH,
+                  **{pattern: frozenset() for pattern in PARAGRAPH.values()}}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of a text, as encoded: ``text[start:stop]`` is counted, the rest is context."""
+
+    text: str
+    start: int
+    stop: int
+    last: bool  # the end of the text: tokens starting at or after ``stop`` count too
+
+
+def _pieces_start_at(node: dict | None, space: str) -> frozenset[str] | None:
+    """The cut kinds at which the pre-tokenizer ``node`` always starts a piece; None if it is not local.
+
+    ``space`` is what the normalizer makes of a space.
+    """
+    if node is None:
+        return frozenset()
+    kind = node.get("type")
+    if kind == "Sequence":
+        parts = [_pieces_start_at(part, space) for part in node.get("pretokenizers", [])]
+        return None if None in parts else frozenset().union(*parts)
+    if kind == "ByteLevel":
+        return BOTH if node.get("use_regex", True) else frozenset()
+    if kind in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit"):
+        return BOTH
+    if kind in ("Digits", "Punctuation"):
+        return frozenset()
+    if kind == "Metaspace":
+        splits = node.get("split", True) and space in (" ", node.get("replacement"))
+        return frozenset({SPACE}) if splits else frozenset()
+    if kind == "Split" and not node.get("invert"):
+        pattern = node.get("pattern", {})
+        if len(pattern.get("String", "")) == 1:
+            return frozenset()
+        if node.get("behavior") == "Isolated" and pattern.get("Regex") == METASPACE_PATTERN:
+            return frozenset({SPACE}) if space == MARK else frozenset()
+        if node.get("behavior") == "Isolated" and pattern.get("Regex") in PIECE_PATTERNS:
+            return PIECE_PATTERNS[pattern["Regex"]]
+    return None
+
+
+def _normalizer_kinds(node: dict | None) -> set[str] | None:
+    """The component types of a normalizer; None if one of them is not character-local."""
+    if node is None:
+        return set()
+    kind = node.get("type")
+    if kind == "Sequence":
+        parts = [_normalizer_kinds(part) for part in node.get("normalizers", [])]
+        return None if None in parts else set().union(*parts)
+    if kind == "Replace" and len(node.get("pattern", {}).get("String", "")) != 1:
+        return None  # a regex, or a string of several characters, can match across a cut
+    return {kind} if kind in CHARACTER_NORMALIZERS | COMPOSING_NORMALIZERS else None
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """What one tokenizer allows: the kinds of cut, and the units its tokens join across each."""
+
+    kinds: frozenset[str] = frozenset()  # empty: texts are encoded whole
+    after_newline: frozenset = frozenset()  # units that follow the newline inside some token
+    before_space: frozenset = frozenset()  # units that precede the space inside some token
+    ascii_only: bool = False  # a composing normalizer: cut among ASCII characters only
+    strips: bool = False  # Strip: the character before a newline cut must be one Strip stops at
+
+
+class CutRule:
+    """Where one tokenizer's encoding of a text may be cut (see the comment above :data:`SEGMENT`).
+
+    The vocabulary is read on the first question, so a text shorter than a segment never costs it.
+    """
+
+    def __init__(self, tokenizer, vocab: Vocabulary):
+        self.backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        self.vocab = vocab
+        self.as_bytes = vocab.family == "byte_level"
+        self._images: dict[str, str | None] = {}
+
+    @cached_property
+    def cuts(self) -> Cuts:
+        """What the tokenizer allows, worked out once from its pipeline and vocabulary."""
+        spec = tokenizer_spec(self.backend)
+        kinds = _normalizer_kinds(spec["normalizer"])
+        added = self.backend.get_added_tokens_decoder().values()
+        if kinds is None or any((t.lstrip or t.rstrip) and not t.special for t in added):
+            return Cuts()  # an added token that takes in the spaces beside it can reach across a cut
+        newline, space = self.image("\n"), self.image(" ")
+        starts = _pieces_start_at(spec["pre_tokenizer"], space)
+        if starts is None:
+            return Cuts()
+        metaspace = [p for p in _walk(spec["pre_tokenizer"]) if p.get("type") == "Metaspace"]
+        if metaspace and space is not None:
+            space = space.replace(" ", metaspace[0].get("replacement", MARK))
+        newline_unit = self._units(newline)[-1] if newline and newline.isspace() else None
+        space_unit = self._units(space)[0] if space and (space.isspace() or space == MARK) else None
+        after, before, single = set(), set(), set()
+        for info in self.vocab.tokens:
+            units = self._token_units(info)
+            if len(units) == 1:
+                single.add(units[0])
+            at = units.find(newline_unit) if newline_unit is not None else -1
+            while 0 <= at < len(units) - 1:
+                after.add(units[at + 1])
+                at = units.find(newline_unit, at + 1)
+            at = units.find(space_unit, 1) if space_unit is not None else -1
+            while at > 0:
+                before.add(units[at - 1])
+                at = units.find(space_unit, at + 1)
+        allowed = set(self._model_cuts(starts, single))
+        if newline_unit is None:
+            allowed.discard(NEWLINE)
+        if space_unit is None:
+            allowed.discard(SPACE)
+        if self._fuses_unknowns():  # unknown characters on both sides of a cut would become one token
+            allowed -= {kind for kind, unit in ((NEWLINE, newline_unit), (SPACE, space_unit)) if unit not in single}
+        return Cuts(frozenset(allowed), frozenset(after), frozenset(before), bool(kinds & COMPOSING_NORMALIZERS),
+                    "Strip" in kinds)
+
+    def _units(self, text: str) -> bytes | str:
+        """Text as the model's units: bytes for byte-level tokenizers, characters otherwise."""
+        return text.encode("utf-8") if self.as_bytes else text
+
+    def _token_units(self, info) -> bytes | str:
+        """A token as the model matches it against the text (special tokens by content, to be safe)."""
+        if info.special:
+            return self._units(info.token)
+        if self.as_bytes:
+            return info.bytes
+        prefix = self.vocab.continuing_prefix
+        if self.vocab.family == "wordpiece" and info.token.startswith(prefix) and len(info.token) > len(prefix):
+            return info.token[len(prefix):]
+        return info.token
+
+    def _model_cuts(self, starts: frozenset[str], single: set) -> frozenset[str]:
+        """The cut kinds the model allows, given those at which the pre-tokenizer starts a piece."""
+        model = self.backend.model
+        kind = type(model).__name__
+        if kind == "BPE":
+            if model.dropout:
+                return frozenset()
+            # A word's tokens depend on where the word starts when it marks its first or last token; and
+            # without an unknown token a character missing from the vocabulary is dropped, which moves
+            # the offsets of the tokens after it in its piece (tokenizers counts them from the piece's
+            # start), so that only a cut at the start of a piece keeps them on its side.
+            marks = model.continuing_subword_prefix or model.end_of_word_suffix
+            if self.as_bytes:
+                complete = len(single) == 256
+            else:
+                complete = model.byte_fallback and sum(t.byte_fallback for t in self.vocab.tokens) == 256
+            drops = model.unk_token is None and not complete
+            return starts if marks or drops else BOTH
+        if kind == "Unigram":
+            return frozenset() if model.alpha or model.nbest_size else starts
+        return starts if kind in ("WordPiece", "WordLevel") else frozenset()
+
+    def _fuses_unknowns(self) -> bool:
+        model = self.backend.model
+        return type(model).__name__ == "Unigram" or bool(getattr(model, "fuse_unk", False))
+
+    def image(self, char: str) -> str | None:
+        """What the normalizer makes of ``char`` in the middle of a text; None if that is not clear."""
+        if char not in self._images:
+            normalizer = self.backend.normalizer
+            if normalizer is None:
+                self._images[char] = char
+            else:
+                head, text = normalizer.normalize_str("a"), normalizer.normalize_str(f"a{char}a")
+                ok = text.startswith(head) and text.endswith("a") and len(text) > len(head)
+                self._images[char] = text[len(head):-1] if ok else None
+        return self._images[char]
+
+    def _solid(self, char: str) -> str | None:
+        """The image of ``char`` if it begins and ends with a character no pre-tokenizer takes for a space."""
+        image = self.image(char)
+        if not image or image[0].isspace() or image[-1].isspace() or MARK in (image[0], image[-1]):
+            return None
+        return image
+
+    def allows(self, text: str, p: int) -> bool:
+        """May ``text`` be cut at ``p`` (a match of :data:`CUT`, with CONTEXT characters each side)?"""
+        cuts = self.cuts
+        if cuts.ascii_only and not text[p - CONTEXT:p + CONTEXT].isascii():
+            return False
+        if text[p - 1] == "\n":
+            right = self._solid(text[p])
+            # Strip must not reach the newline; nor may a composing normalizer see "\r\n" as one
+            steady = not (cuts.strips or cuts.ascii_only) or self._solid(text[p - 2]) is not None
+            return NEWLINE in cuts.kinds and right is not None and steady \
+                and self._units(right)[0] not in cuts.after_newline
+        left, right = self._solid(text[p - 1]), self._solid(text[p + 1])
+        return SPACE in cuts.kinds and left is not None and right is not None \
+            and self._units(left)[-1] not in cuts.before_space
+
+    def find(self, text: str, start: int, stop: int) -> int | None:
+        """The first position in ``[start, stop]`` where ``text`` may be cut, or None."""
+        if not self.cuts.kinds:
+            return None
+        for match in CUT.finditer(text, start):
+            p = match.start()
+            if p > stop:
+                return None
+            if p >= CONTEXT and self.allows(text, p):
+                return p
+        return None
+
+
+def segments(blocks: Iterable[str], rule: CutRule, size: int = SEGMENT) -> Iterator[Segment]:
+    """A text (given in blocks) as segments of about ``size`` characters, cut where ``rule`` allows."""
+    buffer, base, begin, searched = "", 0, 0, 0  # buffer[base:] is left to encode; counting resumes at begin
+    for block in blocks:
+        buffer, begin, searched = buffer[base:] + block, begin - base, max(0, searched - base)
+        base = 0
+        while len(buffer) - CONTEXT >= begin + size:
+            stop = len(buffer) - CONTEXT
+            cut = rule.find(buffer, max(begin + size, searched), stop)
+            if cut is None:
+                searched = stop + 1  # no cut up to here: wait for the next block
+                break
+            yield Segment(buffer[base:cut + CONTEXT], begin - base, cut - base, last=False)
+            base, begin, searched = cut - CONTEXT, cut, 0
+    yield Segment(buffer[base:], begin - base, len(buffer) - base, last=True)
+
+
+@dataclass
+class TextCounts:
+    """What one tokenizer's encoding of one text adds up to; summed segment by segment."""
+
+    ids: np.ndarray  # occurrences of each token id
+    bytes: int = 0
+    characters: int = 0
+    words: int = 0
+    letters: int = 0
+    unspaced_letters: int = 0  # letters of UNSPACED_SCRIPTS
+    unk_bytes: int = 0  # bytes of the characters that unknown tokens cover
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.sum())
+
+    @property
+    def unspaced(self) -> bool:
+        """Written mostly without spaces between words (see UNSPACED_LETTER_SHARE)."""
+        return self.letters > 0 and self.unspaced_letters >= UNSPACED_LETTER_SHARE * self.letters
+
+
+def count_text(tokenizer, blocks: Iterable[str], vocab: Vocabulary | None = None, *,
+               size: int = SEGMENT) -> TextCounts:
+    """Encode a text (the concatenation of ``blocks``) segment by segment and count what
+    :class:`TextStats` needs; the counts are those of encoding the text whole.
+
+    ``blocks`` is ``[text]`` for a string in memory, or :func:`~tokenbridge.measure.texts.text_blocks`
+    of a file, which is then never held whole.
+    """
+    vocab = vocab if vocab is not None else vocabulary(tokenizer)
+    rule = CutRule(tokenizer, vocab)  # reads the vocabulary only if a text needs cutting
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    counts = TextCounts(np.zeros(len(vocab), dtype=np.int64))
+    for segment in segments(blocks, rule, size):
+        ids, offsets = encode(tokenizer, segment.text)
+        ids = np.asarray(ids, dtype=np.int64)
+        starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+        inside = starts >= segment.start
+        if not segment.last:
+            inside &= starts < segment.stop
+        counts.ids += np.bincount(ids[inside], minlength=len(vocab))
+        body = segment.text[segment.start:segment.stop]
+        counts.bytes += len(body.encode("utf-8"))
+        counts.characters += len(body)
+        counts.words += len(body.split())  # cuts fall after or before a space: no word spans one
+        letters, unspaced = _letters(body)
+        counts.letters += letters
+        counts.unspaced_letters += unspaced
+        if unk_id is not None:
+            covered: set[int] = set()  # several unknown tokens may cover one character
+            for index in np.flatnonzero(inside & (ids == unk_id)):
+                covered.update(range(*offsets[index]))
+            counts.unk_bytes += sum(len(segment.text[i].encode("utf-8")) for i in covered)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
 # Statistics
+
+
+def _stats(counts: TextCounts, vocab: Vocabulary, tokenizer_name: str, name: str) -> TextStats:
+    tokens, n_bytes = counts.tokens, counts.bytes
+    fallback_bytes = int(counts.ids @ _byte_token_bytes(vocab))
+    return TextStats(
+        tokenizer=tokenizer_name,
+        text=name,
+        bytes=n_bytes,
+        characters=counts.characters,
+        tokens=tokens,
+        words=counts.words,
+        bytes_per_token=n_bytes / tokens if tokens else None,
+        fertility=None if counts.words == 0 or counts.unspaced else tokens / counts.words,
+        byte_fallback_share=fallback_bytes / n_bytes if n_bytes else 0.0,
+        unk_share=counts.unk_bytes / n_bytes if n_bytes else 0.0,
+    )
 
 
 def tokenizer_stats(tokenizer, text: str, name: str, *, tokenizer_name: str | None = None,
@@ -177,34 +539,13 @@ def tokenizer_stats(tokenizer, text: str, name: str, *, tokenizer_name: str | No
 
     ``tokenizer_name`` defaults to the tokenizer's ``name_or_path``; ``vocab`` is
     ``vocabulary(tokenizer)``, passed when the caller already has it (it takes seconds for a large
-    vocabulary).
+    vocabulary).  A file is measured without reading it whole by :func:`count_text` over its
+    :func:`~tokenbridge.measure.texts.text_blocks`, as :func:`run_tokstats` does.
     """
     vocab = vocab if vocab is not None else vocabulary(tokenizer)
-    ids, offsets = encode(tokenizer, text)
-    n_bytes = len(text.encode("utf-8"))
-    words = len(text.split())
-    byte_tokens = _byte_token_bytes(vocab)
-    fallback_bytes = sum(byte_tokens.get(i, 0) for i in ids)
-    unk_id = getattr(tokenizer, "unk_token_id", None)
-    unk_chars: set[int] = set()  # characters covered by unknown tokens (several may cover one)
-    if unk_id is not None:
-        for index, (start, end) in zip(ids, offsets):
-            if index == unk_id:
-                unk_chars.update(range(start, end))
-    unk_bytes = sum(len(text[i].encode("utf-8")) for i in unk_chars)
-    fertility = None if words == 0 or _unspaced(text) else len(ids) / words
-    return TextStats(
-        tokenizer=tokenizer_name if tokenizer_name is not None else str(getattr(tokenizer, "name_or_path", "")),
-        text=name,
-        bytes=n_bytes,
-        characters=len(text),
-        tokens=len(ids),
-        words=words,
-        bytes_per_token=n_bytes / len(ids) if ids else None,
-        fertility=fertility,
-        byte_fallback_share=fallback_bytes / n_bytes if n_bytes else 0.0,
-        unk_share=unk_bytes / n_bytes if n_bytes else 0.0,
-    )
+    if tokenizer_name is None:
+        tokenizer_name = str(getattr(tokenizer, "name_or_path", ""))
+    return _stats(count_text(tokenizer, [text], vocab), vocab, tokenizer_name, name)
 
 
 def language_of(path: str | Path) -> str:
@@ -240,18 +581,26 @@ def vocab_overlap(tok_a, tok_b, texts: dict[str, str], *, name_a: str = "A", nam
     """
     vocab_a = vocab_a if vocab_a is not None else vocabulary(tok_a)
     vocab_b = vocab_b if vocab_b is not None else vocabulary(tok_b)
+    counts = {name: (count_text(tok_a, [text], vocab_a).ids, count_text(tok_b, [text], vocab_b).ids)
+              for name, text in texts.items()}
+    return _overlap(vocab_a, vocab_b, counts, name_a, name_b)
+
+
+def _overlap(vocab_a: Vocabulary, vocab_b: Vocabulary, counts: dict[str, tuple[np.ndarray, np.ndarray]],
+             name_a: str, name_b: str) -> Overlap:
+    """:func:`vocab_overlap` from each text's token counts (name -> (A's per-id counts, B's))."""
     bytes_a, bytes_b = _byte_set(vocab_a), _byte_set(vocab_b)
     shared = bytes_a & bytes_b
     special_a = {info.token for info in vocab_a.tokens if info.special}
     special_b = {info.token for info in vocab_b.tokens if info.special}
+    in_b = np.array([info.bytes in shared for info in vocab_a.tokens], dtype=np.int64)
+    in_a = np.array([info.bytes in shared for info in vocab_b.tokens], dtype=np.int64)
     per_text = []
-    for text_name, text in texts.items():
-        ids_a, _ = encode(tok_a, text)
-        ids_b, _ = encode(tok_b, text)
-        in_b = sum(1 for i in ids_a if vocab_a.tokens[i].bytes in shared)
-        in_a = sum(1 for i in ids_b if vocab_b.tokens[i].bytes in shared)
-        per_text.append(TextOverlap(text_name, len(ids_a), len(ids_b),
-                                    in_b / len(ids_a) if ids_a else 0.0, in_a / len(ids_b) if ids_b else 0.0))
+    for text_name, (ids_a, ids_b) in counts.items():
+        tokens_a, tokens_b = int(ids_a.sum()), int(ids_b.sum())
+        shared_a, shared_b = int(ids_a @ in_b), int(ids_b @ in_a)
+        per_text.append(TextOverlap(text_name, tokens_a, tokens_b, shared_a / tokens_a if tokens_a else 0.0,
+                                    shared_b / tokens_b if tokens_b else 0.0))
     return Overlap(
         tokenizer_a=name_a,
         tokenizer_b=name_b,
@@ -387,7 +736,7 @@ def run_tokstats(tokenizer_paths: list[str], text_paths: list[Path], reference: 
             repeated = _first_repeat(languages)
             named = [str(p) for p, lang in zip(paths, languages) if lang == repeated]
             raise TokenbridgeError(f"files {' and '.join(named)} both give language {repeated!r}")
-    texts = [read_text(p) for p in paths]
+    sizes = [check_text(p) for p in paths]  # every text is UTF-8 before any tokenizer loads; none is held
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         names = [str(p) for p in paths]
@@ -397,8 +746,9 @@ def run_tokstats(tokenizer_paths: list[str], text_paths: list[Path], reference: 
         tokenizer = load_tokenizer(resolve(spec))
         loaded.append((spec, tokenizer, vocabulary(tokenizer)))
 
-    stats = [tokenizer_stats(tokenizer, text, name, tokenizer_name=spec, vocab=vocab)
-             for spec, tokenizer, vocab in loaded for name, text in zip(names, texts)]
+    counts = [[count_text(tokenizer, text_blocks(p), vocab) for p in paths] for _, tokenizer, vocab in loaded]
+    stats = [_stats(c, vocab, spec, name)
+             for (spec, _, vocab), by_text in zip(loaded, counts) for name, c in zip(names, by_text)]
 
     premiums = None
     if reference_index is not None:
@@ -410,9 +760,9 @@ def run_tokstats(tokenizer_paths: list[str], text_paths: list[Path], reference: 
     overlaps = []
     for i in range(len(loaded)):
         for j in range(i + 1, len(loaded)):
-            (spec_a, tok_a, vocab_a), (spec_b, tok_b, vocab_b) = loaded[i], loaded[j]
-            overlaps.append(vocab_overlap(tok_a, tok_b, dict(zip(names, texts)), name_a=spec_a, name_b=spec_b,
-                                          vocab_a=vocab_a, vocab_b=vocab_b))
+            (spec_a, _, vocab_a), (spec_b, _, vocab_b) = loaded[i], loaded[j]
+            by_text = {name: (a.ids, b.ids) for name, a, b in zip(names, counts[i], counts[j])}
+            overlaps.append(_overlap(vocab_a, vocab_b, by_text, spec_a, spec_b))
 
     plot_path = None
     if plot is not None:
@@ -421,8 +771,8 @@ def run_tokstats(tokenizer_paths: list[str], text_paths: list[Path], reference: 
     return {
         "tokenizers": [spec for spec, _, _ in loaded],
         "vocab_sizes": {spec: len(vocab) for spec, _, vocab in loaded},
-        "texts": [{"name": n, "path": str(p), "language": language_of(p), "bytes": len(t.encode("utf-8"))}
-                  for n, p, t in zip(names, paths, texts)],
+        "texts": [{"name": n, "path": str(p), "language": language_of(p), "bytes": size}
+                  for n, p, size in zip(names, paths, sizes)],
         "stats": [to_json(s) for s in stats],
         "reference": None if reference_index is None else language_of(paths[reference_index]),
         "premiums": premiums,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import TokenbridgeError
 from ..load.tokenizer import load_tokenizer
-from ..measure.texts import read_text
+from ..measure.texts import check_text, read_text, text_blocks
 from ..write.output_dir import check_output, staged_output
 from .extend import extend_tokenizer
 from .files import save_tokenizer, tokenizer_json
@@ -54,36 +54,43 @@ class TokenizerReport:
     compression: list[Compression] = field(default_factory=list)
     seconds: float = 0.0
 
-    def summary(self) -> dict:
+    def summary(self, timings: bool = True) -> dict:
+        """The report; without ``timings`` (what the output directory's file holds) the same for the same
+        inputs, every time."""
         data = asdict(self)
         data["compression"] = [dict(asdict(c), bytes_per_token_before=c.before, bytes_per_token_after=c.after)
                                for c in self.compression]
+        if not timings:
+            del data["seconds"]
         return data
 
 
-def _texts(paths: list[Path]) -> tuple[list[str], list[str]]:
+def _texts(paths: list[Path]) -> tuple[list[str], list[Path]]:
+    """(names, paths) of the text files, each read through once to check that it is UTF-8 text."""
     if not paths:
         raise TokenbridgeError("give at least one --text file")
-    return [str(p) for p in paths], [read_text(Path(p)) for p in paths]
+    files = [Path(p) for p in paths]
+    for file in files:
+        check_text(file)  # streamed: the error comes before any work, and no text is held
+    return [str(p) for p in paths], files
 
 
-def _compression(before, after, names: list[str], texts: list[str]) -> list[Compression]:
-    """Bytes per token of ``before`` (None: no source) and ``after`` on each text, by tokstats."""
+def _compression(before, after, names: list[str], files: list[Path]) -> list[Compression]:
+    """Bytes per token of ``before`` (None: no source) and ``after`` on each text file, by tokstats (streamed)."""
     from ..align.token_bytes import vocabulary
-    from ..measure.tokstats import tokenizer_stats
+    from ..measure.tokstats import count_text
 
-    def tokens(tokenizer) -> list[int | None]:
-        if tokenizer is None:
-            return [None] * len(texts)
+    def counts(tokenizer) -> list:
         vocab = vocabulary(tokenizer)  # seconds for a large vocabulary: once per tokenizer
-        return [tokenizer_stats(tokenizer, text, name, vocab=vocab).tokens for name, text in zip(names, texts)]
+        return [count_text(tokenizer, text_blocks(file), vocab) for file in files]
 
-    return [Compression(name, len(text.encode("utf-8")), old, new)
-            for name, text, old, new in zip(names, texts, tokens(before), tokens(after))]
+    old = [c.tokens for c in counts(before)] if before is not None else [None] * len(files)
+    return [Compression(name, new.bytes, tokens_before, new.tokens)
+            for name, new, tokens_before in zip(names, counts(after), old)]
 
 
 def _publish(command: str, data: dict, out: Path, force: bool, roles: dict, chat_template: str | None,
-             source, source_name: str | None, names: list[str], texts: list[str], details: dict,
+             source, source_name: str | None, names: list[str], files: list[Path], details: dict,
              started: float) -> TokenizerReport:
     report = TokenizerReport(command, str(out), source_name, len(source) if source is not None else None, 0,
                              details)
@@ -91,9 +98,10 @@ def _publish(command: str, data: dict, out: Path, force: bool, roles: dict, chat
         save_tokenizer(data, tmp, roles, chat_template)
         written = load_tokenizer(tmp)
         report.vocab_after = len(written)
-        report.compression = _compression(source, written, names, texts)
+        report.compression = _compression(source, written, names, files)
         report.seconds = round(time.perf_counter() - started, 3)
-        (tmp / REPORT_FILE).write_text(json.dumps(report.summary(), indent=2, ensure_ascii=False) + "\n")
+        (tmp / REPORT_FILE).write_text(json.dumps(report.summary(timings=False), indent=2, ensure_ascii=False)
+                                       + "\n")
     return report
 
 
@@ -104,18 +112,18 @@ def train(text_paths: list[Path], out: Path, config: TrainConfig, like: Path | N
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force, protected=[Path(p) for p in text_paths] + ([Path(like)] if like else []))
-    names, texts = _texts(text_paths)
+    names, files = _texts(text_paths)
     source = load_tokenizer(Path(like)) if like is not None else None
     style = style_of(source, str(like), byte_fallback or None) if source is not None \
         else default_style(byte_fallback, list(specials))
     if source is not None and specials:
         known = {a["content"] for a in style.specials}
         style.specials += [special_token(s) for s in specials if s not in known]
-    data = train_tokenizer(texts, config, style, progress)
+    data = train_tokenizer(files, config, style, progress)  # the files stream by, paragraph by paragraph
     details = {"config": asdict(config), "style": style.kind, "like": str(like) if like else None,
                "special_tokens": [a["content"] for a in style.specials]}
     return _publish("train", data, out, force, style.roles, style.chat_template, source,
-                    str(like) if like else None, names, texts, details, started)
+                    str(like) if like else None, names, files, details, started)
 
 
 def extend(source_path: Path, text_paths: list[Path], out: Path, add: int, min_frequency: int = 2,
@@ -124,12 +132,13 @@ def extend(source_path: Path, text_paths: list[Path], out: Path, add: int, min_f
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force, protected=[Path(source_path), *map(Path, text_paths)])
-    names, texts = _texts(text_paths)
+    names, files = _texts(text_paths)
+    texts = [read_text(file) for file in files]
     source = load_tokenizer(Path(source_path))
     data, added = extend_tokenizer(tokenizer_json(source), texts, add, min_frequency, progress)
     details = {"added": len(added), "first_ids": len(source), "new_tokens": added}
     return _publish("extend", data, out, force, roles_of(source), source.chat_template, source, str(source_path),
-                    names, texts, details, started)
+                    names, files, details, started)
 
 
 def prune(source_path: Path, text_paths: list[Path], out: Path, keep: int, force: bool = False) -> TokenizerReport:
@@ -137,13 +146,14 @@ def prune(source_path: Path, text_paths: list[Path], out: Path, keep: int, force
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force, protected=[Path(source_path), *map(Path, text_paths)])
-    names, texts = _texts(text_paths)
+    names, files = _texts(text_paths)
+    texts = [read_text(file) for file in files]
     source = load_tokenizer(Path(source_path))
     pruned = prune_tokenizer(tokenizer_json(source), texts, keep)
     details = {"required": pruned.required, "needed_by_texts": pruned.needed, "kept": len(pruned.old_ids),
                "old_ids": pruned.old_ids}
     return _publish("prune", pruned.data, out, force, roles_of(source), source.chat_template, source,
-                    str(source_path), names, texts, details, started)
+                    str(source_path), names, files, details, started)
 
 
 def format_report(report: TokenizerReport) -> str:

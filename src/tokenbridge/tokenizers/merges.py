@@ -47,20 +47,21 @@ def learn_merges(sequences: dict[tuple[str, ...], int], n_merges: int, allowed: 
             answer = verdict[pair] = allowed(*pair) and pair[0] + pair[1] not in known
         return answer
 
-    def count_pairs(index: int, sign: int, touched: set) -> None:
+    def count_pairs(index: int, sign: int, changed: dict) -> None:
         word = words[index]
         for pair in itertools.pairwise(word):
             if ok(pair):
                 pair_count[pair] += sign * counts[index]
                 if sign > 0:
                     where[pair].add(index)
-                touched.add(pair)
+                changed[pair] = changed.get(pair, 0) + sign * counts[index]
 
-    touched: set = set()
     for index in range(len(words)):
-        count_pairs(index, 1, touched)
+        count_pairs(index, 1, {})
     heap = [(-c, pair) for pair, c in pair_count.items() if c >= min_count]
     heapq.heapify(heap)
+    # Invariant: every pair counted at least min_count times has a heap entry with its current count;
+    # entries whose count has since changed are stale and skipped when popped.
     merges: list[Merge] = []
     while heap and len(merges) < n_merges:
         negative, pair = heapq.heappop(heap)
@@ -73,12 +74,12 @@ def learn_merges(sequences: dict[tuple[str, ...], int], n_merges: int, allowed: 
         merges.append(Merge(pair[0], pair[1], count))
         known.add(merged)
         verdict[pair] = False
-        touched = set()
+        changed: dict = {}
         for index in sorted(where.pop(pair, ())):
             word = words[index]
             if len(word) < 2:
                 continue
-            count_pairs(index, -1, touched)
+            count_pairs(index, -1, changed)
             out, i = [], 0
             while i < len(word):
                 if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
@@ -88,11 +89,14 @@ def learn_merges(sequences: dict[tuple[str, ...], int], n_merges: int, allowed: 
                     out.append(word[i])
                     i += 1
             words[index] = out
-            count_pairs(index, 1, touched)
+            count_pairs(index, 1, changed)
         pair_count.pop(pair, None)
-        for other in touched:
-            if other != pair and pair_count.get(other, 0) >= min_count:
+        for other, delta in changed.items():  # only pairs whose count moved need a new entry
+            if delta and other != pair and pair_count.get(other, 0) >= min_count:
                 heapq.heappush(heap, (-pair_count[other], other))
+        if len(heap) > 4 * len(pair_count) + 4096:  # drop the stale entries (the pops stay the same)
+            heap = [(-c, p) for p, c in pair_count.items() if c >= min_count and ok(p)]
+            heapq.heapify(heap)
         if progress is not None:
             progress.update(1)
     return merges

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import TokenbridgeError
+from ..measure.texts import text_blocks
 from .merges import learn_merges
 from .style import BYTE_LEVEL, BYTE_TOKENS, METASPACE, Style, remap_post_processor
 
 MODELS = ("bpe", "unigram")
 BYTE_TOKEN_CHARACTERS = "<>x0123456789ABCDEF"
 BLANK_LINE = re.compile(r"(?<=\n)(?=[^\S\n]*\n)")
+CLOSING_SPACES = re.compile(r"[^\S\n]*\Z")
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,38 @@ def _skeleton(style: Style, model: str) -> dict:
             "decoder": style.decoder, "model": body}
 
 
-def paragraphs(texts: list[str]):
-    """The texts cut after blank lines: what the trainers see as one sequence."""
+def paragraphs(texts: list[str | Path]) -> Iterator[str]:
+    """The texts cut after blank lines: what the trainers see as one sequence.
+
+    A text is a string or a file's path; a file is read in blocks and never held whole.
+    """
     for text in texts:
-        yield from (part for part in BLANK_LINE.split(text) if part)
+        yield from _paragraphs(text_blocks(text) if isinstance(text, Path) else [text])
 
 
-def train_tokenizer(texts: list[str], config: TrainConfig, style: Style, progress: bool = False) -> dict:
-    """A trained tokenizer as ``tokenizer.json`` content."""
+def _paragraphs(blocks: Iterable[str]) -> Iterator[str]:
+    """``BLANK_LINE.split`` of the blocks' concatenation without its empty parts, one paragraph held at a time."""
+    tail = ""  # the text since the last cut
+    for block in blocks:
+        text = tail + block
+        # A cut not found in the tail yet can only lie in its closing run of spaces, which BLANK_LINE's
+        # lookahead ran off the end in; every other one was found already.
+        search = max(1, CLOSING_SPACES.search(tail).start())
+        last = 0
+        for match in BLANK_LINE.finditer(text, search):
+            if match.start() > last:
+                yield text[last:match.start()]
+            last = match.start()
+        tail = text[last:]
+    if tail:
+        yield tail
+
+
+def train_tokenizer(texts: list[str | Path], config: TrainConfig, style: Style, progress: bool = False) -> dict:
+    """A trained tokenizer as ``tokenizer.json`` content; ``texts`` as for :func:`paragraphs`.
+
+    A file gives the same tokenizer as its text in memory: the trainers see the same paragraphs.
+    """
     from tokenizers import AddedToken, pre_tokenizers, trainers
 
     from .files import backend
@@ -174,7 +202,8 @@ def _add_byte_tokens(data: dict, n_specials: int, unk: str) -> None:
         model["unk_token"], model["fuse_unk"] = unk, True
 
 
-def _supertoken_stage(data: dict, texts: list[str], config: TrainConfig, style: Style, progress: bool) -> None:
+def _supertoken_stage(data: dict, texts: list[str | Path], config: TrainConfig, style: Style,
+                      progress: bool) -> None:
     """Learn merges across words on the first stage's segmentation (SuperBPE's second stage)."""
     from .files import backend
 

@@ -64,8 +64,8 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                       on_tensor=None) -> int:
     """Write ``tensors`` in order; returns the number of data bytes written."""
     header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    if metadata:  # the format allows only strings here; anything else makes the file unreadable
+        header["__metadata__"] = {str(k): v for k, v in metadata.items() if isinstance(v, str)}
     offset = 0
     for tensor in tensors:
         header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
