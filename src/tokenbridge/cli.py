@@ -54,13 +54,9 @@ def _number(integer: bool, **bounds):
     return parse
 
 
-def _seed(text: str) -> int:
-    return _number(True, low=0, high=checks.SEED_MAX)(text)
-
-
+SEED = _number(True, low=0, high=checks.SEED_MAX)
 POSITIVE = _number(True, low=1)
 NON_NEGATIVE = _number(True, low=0)
-FINITE = _number(False)
 POSITIVE_FLOAT = _number(False, low=0, low_open=True)
 NON_NEGATIVE_FLOAT = _number(False, low=0)
 
@@ -481,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --train-tokenizer); OUT: output model directory")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
-    p.add_argument("--seed", type=_seed, default=0, help="0 to 2**32-1 (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="0 to 2**32-1 (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     _allow_pickle_flag(p)
     _output_flags(p)
@@ -546,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True, metavar="FILE")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     _window_flags(p)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--keep-models", action="store_true", help="keep the transplanted models in REPORT_DIR/models")
     p.add_argument("--force", action="store_true")
     _allow_pickle_flag(p)
@@ -558,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=30)
     p.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _allow_pickle_flag(p)
     _output_flags(p)
@@ -587,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-bytes", type=POSITIVE, default=80)
     q.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
     q.add_argument("--top-p", type=_number(False, low=0, high=1, low_open=True), default=1.0)
-    q.add_argument("--seed", type=_seed, default=0)
+    q.add_argument("--seed", type=SEED, default=0)
     q.add_argument("--weights", nargs="+", type=NON_NEGATIVE_FLOAT, metavar="W",
                    help="ensemble weights (default: equal)")
     q.add_argument("--prefix", default="auto", choices=["auto", "bos", "eos"])
@@ -624,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=32.0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=50, metavar="N",
                    help="save a resumable checkpoint in OUT.checkpoints every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.checkpoints")
@@ -649,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=POSITIVE, default=5)
     p.add_argument("--epochs", type=POSITIVE, default=5)
     p.add_argument("--min-count", type=POSITIVE, default=2)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--force", action="store_true", help="replace VEC if it exists")
     _output_flags(p)
     p.set_defaults(func=cmd_vectors)

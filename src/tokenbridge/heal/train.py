@@ -26,8 +26,8 @@ from .. import checks
 from ..errors import TokenbridgeError
 from ..load.model import check_context, context_length, load_causal_lm, resolve_source
 from ..report import REPORT_NAME
-from ..write.manifest import MANIFEST_NAME, model_digest, verify_manifest, write_manifest
-from ..write.output_dir import apply_umask, check_output, replace_path, staged_output, sweep_orphans, temp_dir
+from ..write.manifest import MANIFEST_NAME, model_digest, verify_manifest
+from ..write.output_dir import check_output, staged_output
 from .chunks import CHUNK_KINDS
 from .data import Corpus, Side, alm_batch, lm_batch
 from .losses import (
@@ -178,12 +178,9 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealConfig, report: HealReport,
                     inputs: dict) -> Path:
     """``step-N/``: trained tensors and AdamW state as safetensors, the rest as JSON, every file's checksum
-    in a manifest; built in a temp dir and renamed, then older steps are removed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(directory)
+    in a manifest; staged like every output, then older steps are removed."""
     final = directory / f"step-{step:08d}"
-    tmp = temp_dir(directory, final.name)
-    try:
+    with staged_output(final, force=True, manifest=True) as tmp:
         save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()},
                   str(tmp / "trainable.safetensors"))
         state = optimizer.state_dict()
@@ -200,12 +197,6 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, config: HealCo
             "inputs": inputs, "param_groups": state["param_groups"], "optimizer_scalars": scalars,
             "param_names": _optimizer_param_names(model, optimizer),
             "report": report.to_dict()}, indent=1))
-        write_manifest(tmp)
-        apply_umask(tmp)
-        replace_path(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in directory.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -404,8 +395,10 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         teacher_model.to(device)
         teacher_side = Side(teacher_tokenizer, teacher_model.get_output_embeddings().weight.shape[0])
         check_windows_fit(corpus, teacher_side, context_length(teacher_model.config), "the teacher")
-    run = run_inputs(student, student_dir, teacher if teacher_model is not None else None,
-                     teacher_dir if teacher_model is not None else None, corpus)
+    run = None  # hashing the models is needed only to write checkpoints or to check one
+    if found or checkpoint_every > 0:
+        run = run_inputs(student, student_dir, teacher if teacher_model is not None else None,
+                         teacher_dir if teacher_model is not None else None, corpus)
     model = select_trainable(model, config.train, student_dir, LoraSettings(config.lora_rank, config.lora_alpha))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -69,8 +69,9 @@ def load_config(directory: Path):
         raise TokenbridgeError(f"{path}: {remote_code_hint(error) or first_line(error)}") from None
 
 
-def remote_code_hint(error: BaseException) -> str | None:
+def remote_code_hint(error: BaseException, what: str = "model") -> str | None:
+    """What to say when transformers refused to load because only the directory's own code could (else None)."""
     if "trust_remote_code" in str(error) or "custom code" in str(error):
         return ("asks for its own Python code (auto_map) and transformers has no class of its own for it; "
-                "tokenbridge never runs a model's code")
+                f"tokenbridge never runs a {what}'s code")
     return None

@@ -28,7 +28,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from ..align.token_bytes import ids_by_token
-    from .hf import first_line, quiet_transformers
+    from .hf import first_line, quiet_transformers, remote_code_hint
 
     source = tokenizer_dir(Path(path))
     try:
@@ -46,9 +46,9 @@ def load_tokenizer(path: Path):
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad tokenizer file
         _config_problem(source if source.is_dir() else source.parent)
-        if "trust_remote_code" in str(error) or "custom code" in str(error):
-            raise TokenbridgeError(f"{path}: the tokenizer asks for its own Python code (auto_map) and transformers "
-                                   "has no class of its own for it; tokenbridge never runs a tokenizer's code") from None
+        hint = remote_code_hint(error, "tokenizer")
+        if hint:
+            raise TokenbridgeError(f"{path}: the tokenizer {hint}") from None
         raise TokenbridgeError(f"{path}: tokenizer does not parse ({first_line(error)})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise TokenbridgeError(f"{path}: only fast (tokenizers-backed) tokenizers are supported")
