@@ -5,6 +5,11 @@ Pairs (source model -> target tokenizer; donor = a model that already uses the t
 1. Gemma-3-270M -> SmolLM2 tokenizer (donor SmolLM2-135M)
 2. SmolLM2-135M -> Gemma-3 tokenizer (donor Gemma-3-270M)
 3. SmolLM2-135M -> a 32k byte-level BPE tokenizer trained here on debref.de.txt (no donor)
+4. SmolLM2-135M -> the 49k nine-language tokenizer of the tokenizer benchmark (byte-level BPE like SmolLM2's,
+   trained here on the nine debref files from TRAIN_OFFSET on; no donor)
+
+``--hypernet HN_DIR`` gives the ``hypernet`` method a hypernetwork trained for SmolLM2 (bench/hypernet.py),
+on the pairs whose source is SmolLM2.
 
 For each pair, the original model and every transplanted one are scored in bits per byte on the same
 byte windows of four slices: en, de, ja (Debian Reference) and Python code. tokenbridge's transplants run
@@ -15,6 +20,7 @@ A run that hits the cap is recorded with the progress it reached and its rate.
 
     python bench/transplant.py [--pairs 1,2,3] [--bytes 8000] [--cap 900] [--mergekit /work/mergekit-venv]
                                [--workdir /work/bench-transplant] [--reuse] [--json out.json] [--md out.md]
+                               [--hypernet HN_DIR]
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ PAIRS = {
     1: Pair(1, "Gemma-3-270M -> SmolLM2 tokenizer", "gemma3", "smollm2", "smollm2"),
     2: Pair(2, "SmolLM2-135M -> Gemma-3 tokenizer", "smollm2", "gemma3", "gemma3"),
     3: Pair(3, "SmolLM2-135M -> 32k debref.de tokenizer", "smollm2", "de32k", None),
+    4: Pair(4, "SmolLM2-135M -> 49k nine-language tokenizer", "smollm2", "multi49k", None),
 }
+LANGUAGES = ("de", "en", "es", "fr", "id", "it", "ja", "pt", "zh-cn")
 
 
 def write_slices(directory: Path, size: int) -> list[Path]:
@@ -92,6 +100,26 @@ def train_de_tokenizer(directory: Path, like: Path, vocab_size: int = 32000) -> 
     fast.chat_template = reference.chat_template
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(directory))
+    return directory
+
+
+def train_multilingual_tokenizer(directory: Path, like: Path, vocab_size: int = 49152) -> Path:
+    """The tokenizer benchmark's part B tokenizer: byte-level BPE like SmolLM2's on the nine debref files
+    (from TRAIN_OFFSET on), merges needing one occurrence."""
+    from tokenbridge.tokenizers.api import train
+    from tokenbridge.tokenizers.train import TrainConfig
+
+    texts = []
+    for lang in LANGUAGES:
+        data = (CORPORA / f"debref.{lang}.txt").read_bytes()[TRAIN_OFFSET:]
+        start = 0
+        while (data[start] & 0xC0) == 0x80:
+            start += 1
+        path = directory.parent / "multi49k-train" / f"{lang}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data[start:])
+        texts.append(path)
+    train(texts, directory, TrainConfig(vocab_size, min_frequency=1), like=like, force=True, progress=False)
     return directory
 
 
@@ -188,7 +216,7 @@ def training_text(workdir: Path, names: list[str], size: int) -> Path:
     return path
 
 
-def method_resources(pair: Pair, dirs: dict, workdir: Path) -> dict[str, dict]:
+def method_resources(pair: Pair, dirs: dict, workdir: Path, hypernet: Path | None = None) -> dict[str, dict]:
     """Options that give each method its resources on this pair; methods missing here run without."""
     options: dict[str, dict] = {}
     if pair.donor:
@@ -198,6 +226,15 @@ def method_resources(pair: Pair, dirs: dict, workdir: Path) -> dict[str, dict]:
         mixed = training_text(workdir, ["en", "de", "ja", "code"], 100_000)
         options["focus"] = {"corpus": str(mixed)}
         # Same text on both sides: the aligner links the two tokenizations of each line.
+        options["transtok"] = {"parallel_source": str(mixed), "parallel_target": str(mixed)}
+    elif pair.target == "multi49k":  # one tokenizer for nine languages: monolingual resources per language
+        mixed = workdir / "train-nine-languages.txt"
+        parts = []
+        for lang in LANGUAGES:
+            data = (CORPORA / f"debref.{lang}.txt").read_bytes()[TRAIN_OFFSET:TRAIN_OFFSET + 40_000]
+            parts.append(data.decode("utf-8", "ignore"))
+        mixed.write_text("\n".join(parts), encoding="utf-8")
+        options["focus"] = {"corpus": str(mixed)}
         options["transtok"] = {"parallel_source": str(mixed), "parallel_target": str(mixed)}
     else:  # pair 3: English model onto a German tokenizer
         from tokenbridge.init.word_align import parallel_from_documents
@@ -220,6 +257,8 @@ def method_resources(pair: Pair, dirs: dict, workdir: Path) -> dict[str, dict]:
             write_vectors(vectors[lang], train_vectors(words, dim=100, epochs=5, min_count=2, seed=0))
         options["wechsel"] = {"source_vectors": str(vectors["en"]), "target_vectors": str(vectors["de"]),
                               "dictionary": str(REPO / "tests" / "data" / "en-de.dict.txt")}
+    if hypernet and pair.source == "smollm2":
+        options["hypernet"] = {"hypernet": str(hypernet)}
     return options
 
 
@@ -245,7 +284,7 @@ def bench_pair(pair: Pair, dirs: dict, slices: list[Path], workdir: Path, args) 
     if pair_dir.exists():
         shutil.rmtree(pair_dir)
     pair_dir.mkdir(parents=True)
-    resources = method_resources(pair, dirs, pair_dir)
+    resources = method_resources(pair, dirs, pair_dir, args.hypernet)
     registered = available_methods()
     wanted = args.methods or list(registered)
     methods = [m for m in wanted if m in registered and
@@ -336,6 +375,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="keep pairs whose report.json is already in --workdir")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path, help="write the Markdown section here")
+    parser.add_argument("--hypernet", type=Path, help="a hypernetwork for SmolLM2 (the hypernet method's resource)")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -352,6 +392,8 @@ def main() -> int:
     pairs = [PAIRS[int(p)] for p in args.pairs.split(",")]
     if any(p.target == "de32k" for p in pairs):
         dirs["de32k"] = train_de_tokenizer(args.workdir / "de32k-tokenizer", dirs["smollm2"])
+    if any(p.target == "multi49k" for p in pairs):
+        dirs["multi49k"] = train_multilingual_tokenizer(args.workdir / "multi49k-tokenizer", dirs["smollm2"])
     slices = write_slices(args.workdir / "slices", args.bytes)
     reports = [bench_pair(pair, dirs, slices, args.workdir, args) for pair in pairs]
     text = section(reports, command, started)

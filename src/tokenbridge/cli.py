@@ -401,6 +401,61 @@ def _allow_pickle_flag(parser) -> None:
                         help="accept pickle checkpoints (pytorch_model.bin), read with torch.load(weights_only=True)")
 
 
+def _training_flags(p, steps: int, batch_size: int, checkpoint_every: int, what: str) -> None:
+    """The flags of the one training loop (heal, hypernet train)."""
+    p.add_argument("--steps", type=POSITIVE, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=POSITIVE, default=batch_size,
+                   help=f"windows per micro-batch per process (default {batch_size})")
+    p.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--window", type=_number(True, low=16), default=1024, help="bytes per training window (default 1024)")
+    p.add_argument("--warmup", type=_number(True, low=-1), default=-1, help="warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPUs that have it, else fp32")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=checkpoint_every, metavar="N",
+                   help=f"save a resumable checkpoint in {what}.checkpoints every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help=f"continue from the checkpoint in {what}.checkpoints")
+    p.add_argument("--stop-after", type=POSITIVE, metavar="K", help=f"stop after step K without writing {what}")
+    p.add_argument("--force", action="store_true", help=f"replace {what} and an old run's checkpoints")
+
+
+def cmd_hypernet_train(args) -> int:
+    from pathlib import Path
+
+    from .hypernet import HypernetConfig, train_hypernet
+    from .load.packaged import resolve
+
+    config = HypernetConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            window=args.window, vocab_size=args.vocab_size, tokenizer_texts=args.tokenizer_texts,
+                            noise_mean=args.noise_mean, noise_sigma=args.noise_sigma, negatives=args.negatives,
+                            layers=args.layers, width=args.width, heads=args.heads, max_pieces=args.max_pieces,
+                            aux_weight=args.aux_weight, lr=args.lr, warmup=args.warmup,
+                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                            precision=args.precision)
+    out, report = train_hypernet(resolve(args.model), [Path(p) for p in args.text], Path(args.out), config,
+                                 resume=args.resume, force=args.force, progress=not args.quiet,
+                                 checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
+                                 allow_pickle=args.allow_pickle)
+    return _print_run(args, out, report, "loss", f"{report.tokens} tokens")
+
+
+def _print_run(args, out, report, what: str, tokens: str) -> int:
+    """What a training command prints: its report (--json), where a stopped run's checkpoint is, or a summary."""
+    if args.json:
+        print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
+    elif args.stop_after is not None and report.steps_done < report.config["steps"]:
+        print(f"stopped after step {report.steps_done}; checkpoint in {out} (continue with --resume)")
+    else:
+        first, last = report.losses[0][1], report.losses[-1][1]
+        resumed = f" (resumed at {report.resumed_from})" if report.resumed_from else ""
+        print(f"wrote {out}")
+        print(f"  {what}; {report.steps_done} steps{resumed}")
+        print(f"  loss {first:.4f} at step 1 -> {last:.4f} at step {report.steps_done}; {tokens}, "
+              f"{report.tokens_per_second:.0f} tokens/s on {report.device} x{report.processes}")
+    return 0
+
+
 def cmd_heal(args) -> int:
     from pathlib import Path
 
@@ -417,20 +472,8 @@ def cmd_heal(args) -> int:
                        teacher=resolve(args.teacher) if args.teacher else None, resume=args.resume, force=args.force,
                        progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                        stop_after=args.stop_after, allow_pickle=args.allow_pickle)
-    if args.json:
-        print(json.dumps({"out": str(out), **report.to_dict()}, indent=2))
-    elif args.stop_after is not None and report.steps_done < report.config["steps"]:
-        print(f"stopped after step {report.steps_done}; checkpoint in {out} (continue with --resume)")
-    else:
-        first, last = report.losses[0][1], report.losses[-1][1]
-        print(f"wrote {out}")
-        print(f"  {report.config['mode']} loss, training {report.config['train']}; {report.steps_done} steps "
-              f"(resumed at {report.resumed_from})" if report.resumed_from else
-              f"  {report.config['mode']} loss, training {report.config['train']}; {report.steps_done} steps")
-        print(f"  loss {first:.4f} at step 1 -> {last:.4f} at step {report.steps_done}; "
-              f"{report.student_tokens} student tokens, {report.tokens_per_second:.0f} tokens/s on {report.device}"
-              f" x{report.processes}")
-    return 0
+    return _print_run(args, out, report, f"{report.config['mode']} loss, training {report.config['train']}",
+                      f"{report.student_tokens} student tokens")
 
 
 def _window_flags(parser) -> None:
@@ -600,16 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loss: LM loss (embeddings, sft), ALM against the teacher, or both (default embeddings)")
     p.add_argument("--train", choices=["embeddings", "new-rows", "all", "lora"],
                    help="what trains (default: embeddings for --mode embeddings, lora for alm, all for sft)")
-    p.add_argument("--steps", type=POSITIVE, default=100)
-    p.add_argument("--batch-size", type=POSITIVE, default=4, help="windows per micro-batch per process")
-    p.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--window", type=_number(True, low=16), default=1024, help="bytes per training window (default 1024)")
+    _training_flags(p, steps=100, batch_size=4, checkpoint_every=50, what="OUT")
     p.add_argument("--lr", type=POSITIVE_FLOAT, help="peak learning rate (default: 1e-3 embeddings, 2e-4 lora, 3e-5 all)")
     p.add_argument("--embedding-lr", type=POSITIVE_FLOAT,
                    help="peak learning rate of the embedding matrices when the body trains too (default 1e-3)")
-    p.add_argument("--warmup", type=_number(True, low=-1), default=-1, help="warm-up steps (default: 5%% of --steps)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-    p.add_argument("--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--chunks", default="word", choices=["word", "token"],
                    help="ALM chunks: end before whitespace with space-probability debiasing (word), or at every "
                         "common token boundary (token)")
@@ -618,17 +656,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the LM loss in --mode alm+embeddings")
     p.add_argument("--lora-rank", type=POSITIVE, default=16)
     p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=32.0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on GPUs that have it, else fp32")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=50, metavar="N",
-                   help="save a resumable checkpoint in OUT.checkpoints every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.checkpoints")
-    p.add_argument("--stop-after", type=POSITIVE, metavar="K", help="stop after step K without writing OUT")
-    p.add_argument("--force", action="store_true", help="replace OUT and an old run's checkpoints")
     _allow_pickle_flag(p)
     _output_flags(p)
     p.set_defaults(func=cmd_heal)
+
+    p = sub.add_parser("hypernet", help="train a hypernetwork that predicts a model's embeddings for any tokenizer")
+    hyper = p.add_subparsers(dest="hypernet_command", required=True, parser_class=Parser)
+    q = hyper.add_parser("train", help="train a hypernetwork for MODEL on sampled tokenizers (ZeTT)")
+    q.add_argument("model", help="the base model: a model directory, .gguf or packaged:NAME")
+    q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 training text files")
+    q.add_argument("--out", required=True, metavar="HN_DIR", help="output hypernetwork directory")
+    _training_flags(q, steps=1000, batch_size=8, checkpoint_every=100, what="HN_DIR")
+    q.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-4, help="peak learning rate (default 3e-4)")
+    q.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    q.add_argument("--vocab-size", type=_number(True, low=257), default=32768,
+                   help="pieces of every sampled tokenizer (default 32768)")
+    q.add_argument("--tokenizer-texts", type=NON_NEGATIVE, default=64,
+                   help="extra windows each step's tokenizer is drawn from, besides the step's own (default 64)")
+    q.add_argument("--negatives", type=NON_NEGATIVE, default=2048,
+                   help="tokens absent from the step added to the output softmax (default 2048)")
+    q.add_argument("--layers", type=POSITIVE, default=3, help="hypernetwork layers (default 3)")
+    q.add_argument("--width", type=NON_NEGATIVE, default=0, help="hypernetwork width (default: the model's)")
+    q.add_argument("--heads", type=NON_NEGATIVE, default=0, help="attention heads (default: width / 64)")
+    q.add_argument("--max-pieces", type=POSITIVE, default=7,
+                   help="source pieces of a token the hypernetwork reads (default 7)")
+    q.add_argument("--aux-weight", type=NON_NEGATIVE_FLOAT, default=0.5,
+                   help="weight of the loss pulling shared tokens towards their source rows (default 0.5)")
+    q.add_argument("--noise-mean", type=NON_NEGATIVE_FLOAT, default=1e-5,
+                   help="median of the sampled tokenizers' score noise (default 1e-5, as ZeTT)")
+    q.add_argument("--noise-sigma", type=NON_NEGATIVE_FLOAT, default=4.0,
+                   help="log-normal spread of that noise (default 4, as ZeTT)")
+    _allow_pickle_flag(q)
+    _output_flags(q)
+    q.set_defaults(func=cmd_hypernet_train)
 
     p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
     p.add_argument("out", help="a directory written by tokenbridge transplant")

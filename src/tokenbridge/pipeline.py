@@ -273,7 +273,9 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
             source_vocab, target_vocab, source_tokenizer, target_tok, encoder,
             torch.tensor([m.target_id for m in overlap], dtype=torch.int64),
             torch.tensor([m.source_id for m in overlap], dtype=torch.int64),
-            [target_vocab.tokens[i] for i in alignment.new], seed, progress, tied or not names.output)
+            [target_vocab.tokens[i] for i in alignment.new], seed, progress, tied or not names.output,
+            lambda matrix: checkpoint.read(names.output[0] if matrix == "output" and names.output and not tied
+                                           else names.input[0])[:len(source_vocab)].float())
         prepared = chosen.prepare(context, config)
     builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
     # Read after ``prepare``: a method's own working memory (donor matrices, corpora) is gone by then.

@@ -1,3 +1,3 @@
 """Import every built-in method so that it registers itself."""
 
-from . import clp, focus, mean, omp, random, subword, tokenadapt, transtok, wechsel  # noqa: F401
+from . import clp, focus, hypernet, mean, omp, random, subword, tokenadapt, transtok, wechsel  # noqa: F401

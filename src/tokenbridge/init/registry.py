@@ -42,6 +42,9 @@ class TransplantContext:
     seed: int
     progress: bool = False
     source_tied: bool = True  # only input rows are built (the output head is the same matrix)
+    # ``read_rows("input" | "output")``: the source's stored rows as float32 [V_source, d], for methods that
+    # need both matrices at once (the output matrix is the input one when tied).
+    read_rows: Callable[[str], torch.Tensor] | None = None
 
 
 @dataclass
