@@ -11,6 +11,10 @@ Stages (each its own command; the evaluation itself is bench/transplant.py with 
         a hypernetwork directory from a run's checkpoint (to score a run part-way, for the trend)
     python bench/hypernet.py predict HN_DIR [--json out.json]
         the time to predict the rows of all 262,144 Gemma-3 tokens (decomposition, then the network)
+    python bench/hypernet.py report  LABEL=TRANSPLANT_JSON... [--md out.md]
+        one table per pair from bench/transplant.py runs (rows of a later run replace an earlier run's rows of
+        the same name; LABEL renames its `tokenbridge hypernet` row), and for each slice whether `hypernet`
+        (the row labelled `hypernet`) is the lowest, and by how much it misses if not
     python bench/hypernet.py plot    TRAIN_JSON PNG [--other LABEL=TRAIN_JSON]
         the loss curve (TRAIN_JSON: the --json output of hypernet train, or a hypernet.json)
 """
@@ -150,6 +154,49 @@ def plot(runs: dict[str, Path], png: Path) -> None:
     fig.savefig(png)
 
 
+def report(runs: list[tuple[str, Path]]) -> str:
+    pairs: dict[int, dict] = {}
+    for label, path in runs:
+        for rep in json.loads(path.read_text())["reports"]:
+            pair = pairs.setdefault(rep["pair"]["number"], {"name": rep["pair"]["name"], "rows": {}, "files": rep["files"]})
+            for row in rep["rows"]:
+                name = row["method"].removeprefix("tokenbridge ")
+                if name == "hypernet" and label:
+                    name = label
+                pair["rows"][name] = row
+    lines = []
+    for number, pair in sorted(pairs.items()):
+        files = pair["files"]
+        rows = {n: r for n, r in pair["rows"].items() if n != "original"}
+        others = {n: r for n, r in rows.items() if not n.startswith("hypernet")}
+        lines += [f"#### Pair {number}: {pair['name']}", "",
+                  "| method | " + " | ".join(f.removesuffix(".txt") for f in files) + " | all |",
+                  "|---|" + "---:|" * (len(files) + 1)]
+        best = {f: min(r["files"][f]["ratio"] for r in others.values()) for f in files}
+        for name, row in sorted(rows.items(), key=lambda kv: kv[1]["bits_per_byte"]):
+            cells = []
+            for f in files:
+                ratio = row["files"][f]["ratio"]
+                cells.append(f"**{ratio:.3f}**" if ratio <= min(r["files"][f]["ratio"] for r in rows.values())
+                             else f"{ratio:.3f}")
+            total = row["bits_per_byte"] / pair["rows"]["original"]["bits_per_byte"]
+            cells.append(f"{total:.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if "hypernet" in rows:
+            verdict = []
+            for f in files:
+                mine = rows["hypernet"]["files"][f]["ratio"]
+                winner = min(others, key=lambda n: others[n]["files"][f]["ratio"])
+                if mine < best[f]:
+                    verdict.append(f"{f.removesuffix('.txt')}: lowest ({mine:.3f}; next {winner} {best[f]:.3f})")
+                else:
+                    verdict.append(f"{f.removesuffix('.txt')}: not lowest ({mine:.3f} against {winner} {best[f]:.3f}, "
+                                   f"{100 * (mine / best[f] - 1):.1f}% higher)")
+            lines += ["Goal (hypernet lowest): " + "; ".join(verdict) + ".", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -165,6 +212,9 @@ def main() -> int:
     p = sub.add_parser("predict")
     p.add_argument("hypernet", type=Path)
     p.add_argument("--json", type=Path)
+    p = sub.add_parser("report")
+    p.add_argument("runs", nargs="+", metavar="LABEL=TRANSPLANT_JSON")
+    p.add_argument("--md", type=Path)
     p = sub.add_parser("plot")
     p.add_argument("train_json", type=Path)
     p.add_argument("png", type=Path)
@@ -181,6 +231,11 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.stage == "report":
+        text = report([(run.split("=", 1)[0], Path(run.split("=", 1)[1])) for run in args.runs])
+        print(text)
+        if args.md:
+            args.md.write_text(text + "\n")
     else:
         runs = {"SmolLM2-135M": args.train_json}
         runs.update({k: Path(v) for k, v in (o.split("=", 1) for o in args.other)})

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..errors import TokenbridgeError
 from ..write.manifest import MANIFEST_NAME, model_digest, verify_manifest
 from ..write.output_dir import check_output, staged_output
@@ -49,6 +50,24 @@ class Task(Protocol):
 def fingerprint(config) -> str:
     """What a checkpoint's settings must match: a hash of every field of a run's config dataclass."""
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_loop_settings(config) -> None:
+    """The settings every run of the loop has: steps, batch size, accumulation, window, warm-up, seed,
+    gradient clipping and precision (a task checks its own)."""
+    for name in ("steps", "batch_size", "grad_accum"):
+        checks.number(flag(name), getattr(config, name), low=1, integer=True)
+    checks.number("--window", config.window, low=16, integer=True)
+    checks.number("--warmup", config.warmup, low=-1, integer=True)
+    checks.number("--max-grad-norm", config.max_grad_norm, low=0)
+    checks.seed(config.seed)
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise TokenbridgeError(f"unknown --precision {config.precision!r} (auto, fp32, bf16)")
+
+
+def default_warmup(steps: int) -> int:
+    """Warm-up steps when none are given: 5% of the run."""
+    return max(1, steps // 20)
 
 
 def flag(name: str) -> str:

@@ -23,6 +23,8 @@ from .chunks import CHUNK_KINDS
 from .data import Corpus, Side, alm_batch, lm_batch
 from .loop import (
     Progress,
+    check_loop_settings,
+    default_warmup,
     fingerprint,
     flag,
     load_checkpoint,
@@ -94,17 +96,12 @@ class HealConfig:
             raise TokenbridgeError(f"unknown --mode {self.mode!r} ({', '.join(MODES)})")
         if self.chunks not in CHUNK_KINDS:
             raise TokenbridgeError(f"unknown --chunks {self.chunks!r} ({', '.join(CHUNK_KINDS)})")
-        for name in ("steps", "batch_size", "grad_accum", "lora_rank"):
-            checks.number(flag(name), getattr(self, name), low=1, integer=True)
-        checks.number("--window", self.window, low=16, integer=True)
-        checks.number("--warmup", self.warmup, low=-1, integer=True)
-        checks.seed(self.seed)
-        for name in ("lr", "embedding_lr", "weight_decay", "max_grad_norm", "lm_weight"):
+        check_loop_settings(self)
+        checks.number("--lora-rank", self.lora_rank, low=1, integer=True)
+        for name in ("lr", "embedding_lr", "weight_decay", "lm_weight"):
             checks.number(flag(name), getattr(self, name), low=0)  # lr 0: the default for what trains
         for name in ("temperature", "lora_alpha"):
             checks.number(flag(name), getattr(self, name), low=0, low_open=True)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise TokenbridgeError(f"unknown --precision {self.precision!r} (auto, fp32, bf16)")
         config = HealConfig(**asdict(self))
         config.train = config.train or DEFAULT_TRAIN[config.mode]
         config.lr = config.lr or DEFAULT_LR[config.train]
@@ -112,7 +109,7 @@ class HealConfig:
             config.embedding_lr = config.lr
         config.embedding_lr = config.embedding_lr or DEFAULT_LR["embeddings"]
         if config.warmup < 0:
-            config.warmup = max(1, config.steps // 20)
+            config.warmup = default_warmup(config.steps)
         if config.lr <= 0 or config.embedding_lr <= 0:
             raise TokenbridgeError("--lr and --embedding-lr must be positive")
         return config

@@ -24,6 +24,8 @@ from ..errors import TokenbridgeError
 from ..heal.data import Corpus, Side, _pad
 from ..heal.loop import (
     Progress,
+    check_loop_settings,
+    default_warmup,
     fingerprint,
     flag,
     load_checkpoint,
@@ -78,22 +80,18 @@ class HypernetConfig:
     precision: str = "auto"
 
     def resolved(self) -> HypernetConfig:
-        for name in ("steps", "batch_size", "grad_accum", "layers", "max_pieces"):
+        check_loop_settings(self)
+        for name in ("layers", "max_pieces"):
             checks.number(flag(name), getattr(self, name), low=1, integer=True)
         for name in ("tokenizer_texts", "negatives", "width", "heads"):
             checks.number(flag(name), getattr(self, name), low=0, integer=True)
-        checks.number("--window", self.window, low=16, integer=True)
         checks.number("--vocab-size", self.vocab_size, low=257, integer=True)
-        checks.number("--warmup", self.warmup, low=-1, integer=True)
         checks.number("--lr", self.lr, low=0, low_open=True)
-        for name in ("noise_mean", "noise_sigma", "aux_weight", "weight_decay", "max_grad_norm"):
+        for name in ("noise_mean", "noise_sigma", "aux_weight", "weight_decay"):
             checks.number(flag(name), getattr(self, name), low=0)
-        checks.seed(self.seed)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise TokenbridgeError(f"unknown --precision {self.precision!r} (auto, fp32, bf16)")
         config = HypernetConfig(**asdict(self))
         if config.warmup < 0:
-            config.warmup = max(1, config.steps // 20)
+            config.warmup = default_warmup(config.steps)
         return config
 
     def fingerprint(self) -> str:
