@@ -62,9 +62,8 @@ def export(checkpoint: Path, out: Path) -> None:
     """The hypernetwork's weights at a checkpoint, as a hypernetwork directory (same spec as the run's)."""
     from safetensors.torch import load_file
 
-    from tokenbridge.hypernet.model import Hypernetwork, HypernetSpec, save_hypernet
-    from tokenbridge.hypernet.train import FrozenModel
-    from tokenbridge.hypernet.model import vocab_digest
+    from tokenbridge.hypernet.model import Hypernetwork, save_hypernet
+    from tokenbridge.hypernet.train import FrozenModel, HypernetConfig
     from tokenbridge.load.model import load_causal_lm, resolve_source
     from tokenbridge.load.packaged import resolve
     from tokenbridge.write.manifest import verify_manifest
@@ -76,12 +75,7 @@ def export(checkpoint: Path, out: Path) -> None:
     config = state["config"]
     base = state["inputs"]["model"]["path"]
     model, tokenizer = load_causal_lm(resolve_source(Path(resolve(base))))
-    frozen = FrozenModel(model, tokenizer, "cpu")
-    spec = HypernetSpec(dim=frozen.source_in.shape[1], tied=frozen.tied,
-                        vocab_sha256=vocab_digest(frozen.source_in, frozen.source_out),
-                        source_vocab_size=len(frozen.source_in), scale=float(frozen.source_in.std()),
-                        layers=config["layers"], width=config["width"], heads=config["heads"],
-                        max_pieces=config["max_pieces"], base=base, model_type=model.config.model_type)
+    spec = FrozenModel(model, tokenizer, "cpu").spec(HypernetConfig(**config), base)
     network = Hypernetwork(spec)
     network.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=True)
     out.mkdir(parents=True, exist_ok=False)

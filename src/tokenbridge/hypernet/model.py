@@ -117,29 +117,22 @@ def corrections(network, source_in: torch.Tensor, source_out: torch.Tensor | Non
     ``network``: a :class:`Hypernetwork`, or one wrapped for DDP.  ``chunk`` > 0 runs at most that many
     tokens per call (inference on a whole vocabulary); 0 runs all of them in one call (training).
     """
-    spec = _unwrap(network).spec
+    spec = getattr(network, "module", network).spec  # DDP wraps the network as ``.module``
     device = next(network.parameters()).device
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(pieces):
         if p:
             groups.setdefault(min(len(p), spec.max_pieces), []).append(i)
-    order = [(k, members[b:b + chunk] if chunk else members)
-             for k, members in sorted(groups.items()) for b in range(0, len(members), chunk or len(members))]
+    parts = [members[b:b + chunk] for members in (groups[k] for k in sorted(groups))
+             for b in range(0, len(members), chunk)] if chunk else [groups[k] for k in sorted(groups)]
+    calls = [[part] for part in parts] if chunk else [parts] if parts else []
     out = torch.zeros((len(pieces), spec.row_width), dtype=torch.float32, device=device)
-    calls = [order[i:i + 1] for i in range(len(order))] if chunk else [order]
     for call in calls:
-        if not call:
-            continue
-        inputs = [source_rows(source_in, source_out, [pieces[i] for i in chosen], spec.max_pieces).to(device)
-                  for _, chosen in call]
-        results = network(inputs)
-        where = torch.tensor([i for _, chosen in call for i in chosen], dtype=torch.int64, device=device)
-        out = out.index_copy(0, where, torch.cat(results).float())
+        inputs = [source_rows(source_in, source_out, [pieces[i] for i in part], spec.max_pieces).to(device)
+                  for part in call]
+        where = torch.tensor([i for part in call for i in part], dtype=torch.int64, device=device)
+        out = out.index_copy(0, where, torch.cat(network(inputs)).float())
     return out
-
-
-def _unwrap(network):
-    return network.module if hasattr(network, "module") and not isinstance(network, Hypernetwork) else network
 
 
 def subword_base(source: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:

@@ -134,6 +134,15 @@ class FrozenModel:
         self.context = context_length(model.config)
         self.device = device
 
+    def spec(self, config: HypernetConfig, base: str = "") -> HypernetSpec:
+        """The shape ``config`` asks for, for this model (named by its vocabulary matrices' SHA-256)."""
+        return HypernetSpec(dim=self.source_in.shape[1], tied=self.tied,
+                            vocab_sha256=vocab_digest(self.source_in, self.source_out),
+                            source_vocab_size=len(self.source_in), scale=float(self.source_in.std()),
+                            layers=config.layers, width=config.width, heads=config.heads,
+                            max_pieces=config.max_pieces, base=base,
+                            model_type=self.model.config.model_type).resolved()
+
     def logits(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
         hidden = self.model.get_decoder()(inputs_embeds=inputs_embeds * self.embed_scale,
                                           attention_mask=mask).last_hidden_state
@@ -207,7 +216,9 @@ class HypernetTask:
         position = {token: i for i, token in enumerate(subset)}
         pieces = [self.decompose(tokenizer.pieces[t]) for t in subset]
         prefix = len(subset)  # the prefix token's row sits after the subset's
-        shared = {"pieces": pieces, "subset": subset, "tokenizer_size": len(tokenizer),
+        base_in = subword_base(frozen.source_in, pieces)  # the same for every micro-batch of the step
+        base_out = base_in if frozen.tied else subword_base(frozen.source_out, pieces)
+        shared = {"pieces": pieces, "subset": subset, "base_in": base_in, "base_out": base_out,
                   "overlap": torch.tensor([len(p) == 1 for p in pieces], dtype=torch.bool)}
         own, tokens = [], 0
         for m in range(config.grad_accum):
@@ -225,9 +236,7 @@ class HypernetTask:
     def predict(self, module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input rows, output rows and corrections for the step's subset (``[n, d]``, ``[n, d]``, ``[n, w]``)."""
         frozen, device = self.frozen, self.frozen.device
-        with torch.no_grad():
-            base_in = subword_base(frozen.source_in, batch["pieces"]).to(device)
-            base_out = base_in if frozen.tied else subword_base(frozen.source_out, batch["pieces"]).to(device)
+        base_in, base_out = batch["base_in"].to(device), batch["base_out"].to(device)
         correction = corrections(module, frozen.device_in, frozen.device_out, batch["pieces"])
         dim = base_in.shape[1]
         rows_in = base_in + correction[:, :dim]
@@ -277,11 +286,7 @@ def train_hypernet(model: Path, texts: list[Path], out: Path, config: HypernetCo
     base, tokenizer = load_causal_lm(model_dir, allow_pickle=allow_pickle)
     frozen = FrozenModel(base, tokenizer, device)
     frozen.check_head()
-    spec = HypernetSpec(dim=frozen.source_in.shape[1], tied=frozen.tied,
-                        vocab_sha256=vocab_digest(frozen.source_in, frozen.source_out),
-                        source_vocab_size=len(frozen.source_in), scale=float(frozen.source_in.std()),
-                        layers=config.layers, width=config.width, heads=config.heads, max_pieces=config.max_pieces,
-                        base=str(model), model_type=base.config.model_type).resolved()
+    spec = frozen.spec(config, str(model))
     torch.manual_seed(config.seed)
     network = Hypernetwork(spec).to(device)
     network.train()
