@@ -13,6 +13,14 @@ mode, from the pair's zero-shot transplant:
 
 The gap closed on a slice is (zero-shot ratio - healed ratio) / (zero-shot ratio - 1).
 
+``--text mixed`` trains on the training halves (from byte 60000 on) of en, de, ja and code, sampled
+equally (``heal --mix 1 1 1 1``) instead of English alone; ``--steps N`` gives every objective the same
+budget (the same windows, so the same bytes and student tokens).  ``--control`` trains the original
+model on the same text for the same steps (sft; nothing to distil from itself).
+`python bench/heal.py --table CONTROL.json RUN.json...` prints the ALM paper's Table 1 at our scale:
+each run's BPB ratio to the original per slice, and the gap it closes measured against the control,
+(zero-shot BPB - healed BPB) / (zero-shot BPB - control BPB).
+
     python bench/heal.py --pair 1 --mode embeddings --student /work/heal/pair1-tokenadapt --minutes 15 \
         --workdir /work/heal --json /work/heal/pair1-embeddings.json
 """
@@ -25,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,9 +74,51 @@ def markdown_report(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def table_report(control: Path, paths: list[Path]) -> str:
+    """Table 1 at our scale: BPB ratio to the original, and the gap closed against the control."""
+    base = json.loads(Path(control).read_text())
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = list(base["slices"])
+    lines = ["| objective (trains) | steps | student tokens | train min | " + " | ".join(keys) + " | gap closed vs control: "
+             + ", ".join(keys) + " |", "|---|---:|---:|---:|" + "---:|" * len(keys) + "---|"]
+    zero = {k: runs[0]["slices"][k]["zero_shot"] for k in keys} if runs else {}
+    original = {k: base["slices"][k]["original"] for k in keys}
+    lines.append("| zero-shot | 0 | 0 | 0 | " + " | ".join(f"{zero[k] / original[k]:.3f}" for k in keys) + " | |")
+    lines.append(f"| control: the original, sft ({base['config']['train']}) | {base['steps']} | {base['student_tokens']:,} "
+                 f"| {base['train_seconds'] / 60:.1f} | " + " | ".join(f"{base['slices'][k]['healed_ratio']:.3f}" for k in keys)
+                 + " | |")
+    for run in runs:
+        gaps = []
+        for k in keys:
+            healed, control = run["slices"][k]["healed"], base["slices"][k]["healed"]
+            gaps.append(_percent((zero[k] - healed) / (zero[k] - control)) if abs(zero[k] - control) > 1e-9 else "-")
+        lines.append(f"| {run['mode']} ({run['config']['train']}) | {run['steps']} | {run['student_tokens']:,} | "
+                     f"{run['train_seconds'] / 60:.1f} | " + " | ".join(f"{run['slices'][k]['healed_ratio']:.3f}" for k in keys)
+                     + " | " + ", ".join(gaps) + " |")
+    return "\n".join(lines)
+
+
+def training_text(workdir: Path, kind: str) -> tuple[list[Path], list[float] | None]:
+    """The training files: English alone, or the training halves of en, de, ja and code, mixed equally."""
+    names = {"en": ["debref.en.txt"], "mixed": ["debref.en.txt", "debref.de.txt", "debref.ja.txt", "code.python.txt"]}
+    paths = []
+    for name in names[kind]:
+        path = workdir / f"train-{name.split('.')[-2]}.txt"
+        if not path.exists():
+            data = (CORPORA / name).read_bytes()[TRAIN_OFFSET:]
+            while data and (data[0] & 0xC0) == 0x80:
+                data = data[1:]
+            path.write_bytes(data)
+        paths.append(path)
+    return paths, ([1.0] * len(paths) if kind == "mixed" else None)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--report"]:
         print(markdown_report([Path(p) for p in sys.argv[2:]]))
+        return
+    if sys.argv[1:2] == ["--table"]:
+        print(table_report(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", type=int, choices=sorted(PAIRS), required=True)
@@ -76,6 +126,14 @@ def main() -> None:
     parser.add_argument("--control", action="store_true",
                         help="train the original model itself the same way (what the training text alone is worth)")
     parser.add_argument("--mode", default="embeddings")
+    parser.add_argument("--text", default="en", choices=["en", "mixed"], help="training text (see above)")
+    parser.add_argument("--chunks", default="word")
+    parser.add_argument("--distance", default="binary-kl")
+    parser.add_argument("--latents", type=float, default=0.0)
+    parser.add_argument("--balance", default="sum")
+    parser.add_argument("--tag", default="", help="added to the output directory's name")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="score the first 2000 bytes of each slice every N steps (heal --eval), for the curve")
     parser.add_argument("--train", default="")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -101,10 +159,7 @@ def main() -> None:
     tag = "control" if args.control else "zero-shot"
     args.workdir.mkdir(parents=True, exist_ok=True)
     slices = write_slices(args.workdir / "slices", args.bytes)
-    train = args.workdir / "train-en.txt"
-    if not train.exists():
-        data = (CORPORA / "debref.en.txt").read_bytes()[TRAIN_OFFSET:]
-        train.write_bytes(data)
+    train, mix = training_text(args.workdir, args.text)
     cache = args.workdir / f"pair{args.pair}-{tag}.json"
     if cache.exists():
         before = json.loads(cache.read_text())
@@ -113,14 +168,16 @@ def main() -> None:
         cache.write_text(json.dumps(before, indent=1))
 
     config = HealConfig(mode=args.mode, train=args.train, steps=1000, batch_size=args.batch_size, window=args.window,
-                        lr=args.lr, embedding_lr=args.embedding_lr)
+                        lr=args.lr, embedding_lr=args.embedding_lr, chunks=args.chunks, distance=args.distance,
+                        latents=args.latents, balance=args.balance, mix=mix or [], eval_every=args.eval_every)
+    held_out = write_slices(args.workdir / "eval-slices", 2000) if args.eval_every else []
     if args.steps:
         config.steps = args.steps
     else:
         probe_out = args.workdir / f"probe-{args.pair}-{args.mode}"
         shutil.rmtree(Path(str(probe_out) + ".checkpoints"), ignore_errors=True)
         started = time.perf_counter()
-        _, probe = heal(args.student, [train], probe_out, config, teacher=teacher, progress=False,
+        _, probe = heal(args.student, train, probe_out, replace(config, eval_every=0), teacher=teacher, progress=False,
                         stop_after=args.probe_steps)
         seconds_per_step = probe.seconds / probe.steps_done
         config.steps = max(args.probe_steps, int(args.minutes * 60 / seconds_per_step))
@@ -128,11 +185,11 @@ def main() -> None:
               f"{config.steps} steps", flush=True)
 
     out = args.workdir / (f"pair{args.pair}-{'control-' if args.control else ''}{args.mode.replace('+', '-')}"
-                          f"{'-' + args.train if args.train else ''}")
+                          f"{'-' + args.train if args.train else ''}{'-' + args.tag if args.tag else ''}")
     load_before = os.getloadavg()
     started = time.perf_counter()
-    _, report = heal(args.student, [train], out, config, teacher=teacher, force=True, progress=True,
-                     checkpoint_every=0)
+    _, report = heal(args.student, train, out, config, teacher=teacher, force=True, progress=True,
+                     checkpoint_every=0, eval_texts=held_out)
     wall = time.perf_counter() - started
     load_after = os.getloadavg()
     after = score(out, slices, args.bytes)
@@ -144,11 +201,13 @@ def main() -> None:
                      "zero_shot_ratio": zs_ratio, "healed_ratio": healed_ratio,
                      "gap_closed": (zs_ratio - healed_ratio) / (zs_ratio - 1) if abs(zs_ratio - 1) > 1e-9 else None}
     result = {"pair": name + (" (control: the original trained the same way)" if args.control else ""), "student": str(args.student), "teacher": str(teacher), "mode": args.mode,
-              "config": asdict(config.resolved()), "train_text": str(train), "train_bytes": train.stat().st_size,
+              "config": asdict(config.resolved()), "train_text": [str(t) for t in train],
+              "train_bytes": sum(t.stat().st_size for t in train),
               "train_seconds": report.seconds, "wall_seconds": wall, "steps": report.steps_done,
               "student_tokens": report.student_tokens, "teacher_tokens": report.teacher_tokens,
               "tokens_per_second": report.tokens_per_second, "loss_first": report.losses[0][1],
               "loss_last": report.losses[-1][1], "load_before": load_before, "load_after": load_after,
+              "evals": report.evals, "out": str(out),
               "slices": rows, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.json.write_text(json.dumps(result, indent=1))
     for key, row in rows.items():

@@ -28,7 +28,7 @@ from tokenbridge.heal.losses import (
     token_logprobs,
 )
 from tokenbridge.heal.params import select_trainable
-from tokenbridge.heal.train import _micro_loss
+from tokenbridge.heal.train import step_terms
 from tokenbridge.load.tokenizer import load_tokenizer
 
 # -- an independent byte view of each tiny tokenizer, written from the token strings ------------------
@@ -148,8 +148,7 @@ def _alm_value(student_model, teacher_model, student_side, teacher_side, texts, 
     config = HealConfig(mode="alm", chunks=kind).resolved()
     batch = alm_batch(texts, [32] * len(texts), teacher_side, student_side, kind)
     norms = {"student_tokens": batch["student_tokens"], "teacher_tokens": batch["teacher_tokens"]}
-    loss, _ = _micro_loss(batch, student_model, teacher_model, student_side, teacher_side, config, norms, "cpu")
-    return loss
+    return sum(step_terms(config, batch, student_model, teacher_model, student_side, teacher_side, norms))
 
 
 @pytest.mark.parametrize("kind", ["word", "token"])

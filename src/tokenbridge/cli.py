@@ -466,14 +466,24 @@ def cmd_heal(args) -> int:
                         grad_accum=args.grad_accum, window=args.window, lr=args.lr or 0.0,
                         embedding_lr=args.embedding_lr or 0.0, warmup=args.warmup,
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, chunks=args.chunks,
-                        temperature=args.temperature, lm_weight=args.lm_weight, lora_rank=args.lora_rank,
-                        lora_alpha=args.lora_alpha, seed=args.seed, precision=args.precision)
+                        temperature=args.temperature, distance=args.distance, bias_threshold=args.bias_threshold,
+                        lm_weight=args.lm_weight, latents=args.latents, balance=args.balance,
+                        kd_temperature=args.kd_temperature, mix=args.mix or [], eval_every=args.eval_every,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed,
+                        precision=args.precision)
     out, report = heal(resolve(args.student), [Path(p) for p in args.text], Path(args.out), config,
                        teacher=resolve(args.teacher) if args.teacher else None, resume=args.resume, force=args.force,
                        progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                       stop_after=args.stop_after, allow_pickle=args.allow_pickle)
-    return _print_run(args, out, report, f"{report.config['mode']} loss, training {report.config['train']}",
+                       stop_after=args.stop_after, allow_pickle=args.allow_pickle,
+                       eval_texts=[Path(p) for p in args.eval])
+    code = _print_run(args, out, report, f"{report.config['mode']} loss, training {report.config['train']}",
                       f"{report.student_tokens} student tokens")
+    if report.evals and not args.json:
+        first, last = report.evals[0], report.evals[-1]
+        print(f"  held-out bits per byte {first['all']:.4f} at step {first['step']} -> {last['all']:.4f} at step "
+              f"{last['step']}" + (f" (curve: {Path(out) / 'heal-eval.png'})" if last['step'] == report.steps_done
+                                   and report.steps_done == report.config['steps'] else ""))
+    return code
 
 
 def _window_flags(parser) -> None:
@@ -634,26 +644,49 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(q)
     q.set_defaults(func=cmd_bytes_generate)
 
-    p = sub.add_parser("heal", help="train a transplanted model: embeddings, ALM distillation from the original, or SFT")
+    p = sub.add_parser("heal", help="train a transplanted model: embeddings, distillation from the original "
+                                    "(ALM and its baselines), or SFT")
     p.add_argument("student", help="the transplanted model directory (or .gguf / packaged:NAME)")
-    p.add_argument("--teacher", help="the original model, with its own tokenizer (needed by --mode alm)")
+    p.add_argument("--teacher", help="the original model, with its own tokenizer (needed by every mode but sft and "
+                                     "embeddings)")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 training text files")
+    p.add_argument("--mix", nargs="+", type=NON_NEGATIVE_FLOAT, metavar="W",
+                   help="sample the --text files in proportion to these weights, one per file (default: every "
+                        "window equally often)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--mode", default="embeddings", choices=["embeddings", "alm", "alm+embeddings", "sft"],
-                   help="the loss: LM loss (embeddings, sft), ALM against the teacher, or both (default embeddings)")
+    p.add_argument("--mode", default="embeddings", metavar="MODE",
+                   help="the loss: sft (LM loss), alm, dskd, uld, mined, or a sum of them joined by + (alm+sft); "
+                        "embeddings: sft training the embeddings (default); alm+embeddings: alm+sft with LoRA")
     p.add_argument("--train", choices=["embeddings", "new-rows", "all", "lora"],
-                   help="what trains (default: embeddings for --mode embeddings, lora for alm, all for sft)")
+                   help="what trains (default: embeddings for --mode embeddings, all for sft, lora for the rest)")
     _training_flags(p, steps=100, batch_size=4, checkpoint_every=50, what="OUT")
     p.add_argument("--lr", type=POSITIVE_FLOAT, help="peak learning rate (default: 1e-3 embeddings, 2e-4 lora, 3e-5 all)")
     p.add_argument("--embedding-lr", type=POSITIVE_FLOAT,
-                   help="peak learning rate of the embedding matrices when the body trains too (default 1e-3)")
+                   help="peak learning rate of the embedding matrices (and DSKD's projector) when the body trains "
+                        "too (default 1e-3)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-    p.add_argument("--chunks", default="word", choices=["word", "token"],
-                   help="ALM chunks: end before whitespace with space-probability debiasing (word), or at every "
-                        "common token boundary (token)")
+    p.add_argument("--chunks", default="word", choices=["word", "token", "unbiased"],
+                   help="ALM chunks: end before whitespace with space-probability debiasing (word), at every "
+                        "common token boundary (token), or at the boundaries tokenkit's pair-bias test finds "
+                        "bias-free, for any tokenizer pair (unbiased)")
+    p.add_argument("--bias-threshold", type=NON_NEGATIVE_FLOAT, default=1e-4,
+                   help="--chunks unbiased: the most probability a boundary may be biased by (default 1e-4)")
+    p.add_argument("--distance", default="binary-kl", choices=["binary-kl", "binary-ce", "reverse-binary-kl", "abs"],
+                   help="ALM's distance between teacher and student chunk likelihoods (default binary-kl)")
     p.add_argument("--temperature", type=POSITIVE_FLOAT, default=100.0, help="ALM binarisation temperature")
+    p.add_argument("--latents", type=NON_NEGATIVE_FLOAT, default=0.0, metavar="W",
+                   help="add hidden-state alignment at chunk ends with weight W (default 0: off)")
+    p.add_argument("--balance", default="sum", choices=["sum", "gradmag"],
+                   help="how summed terms combine: weighted sum, or each term's gradient scaled to unit norm "
+                        "(gradmag)")
+    p.add_argument("--kd-temperature", type=POSITIVE_FLOAT, default=1.0,
+                   help="softmax temperature of the dskd, uld and mined distributions (default 1)")
     p.add_argument("--lm-weight", type=NON_NEGATIVE_FLOAT, default=1.0,
-                   help="weight of the LM loss in --mode alm+embeddings")
+                   help="weight of the sft term when the mode sums it with others")
+    p.add_argument("--eval", nargs="+", metavar="FILE", default=[],
+                   help="held-out text scored (bits per byte) at the start, every --eval-every steps and at the end; "
+                        "the curve goes into OUT as tokenbridge-heal-eval.json and heal-eval.png")
+    p.add_argument("--eval-every", type=NON_NEGATIVE, default=0, metavar="N", help="score --eval every N steps")
     p.add_argument("--lora-rank", type=POSITIVE, default=16)
     p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=32.0)
     _allow_pickle_flag(p)

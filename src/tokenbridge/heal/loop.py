@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -281,16 +282,22 @@ def load_checkpoint(path: Path, module, optimizer, config, inputs: dict, kind: s
 
 def run_steps(accelerator, module, optimizer, config, task: Task, report, *, start: int, desc: str, kind: str,
               checkpoints: Path, checkpoint_every: int, inputs: dict | None, stop_after: int | None,
-              progress: bool) -> bool:
+              progress: bool, after_step: Callable[[int], None] | None = None) -> bool:
     """Steps ``start .. config.steps`` of one run; True when the last one is done (False: ``stop_after``).
 
     ``module`` and ``optimizer`` have been through ``accelerator.prepare``; every optimizer group carries
     its peak learning rate as ``peak``.  ``config`` has ``steps``, ``warmup``, ``seed`` and
     ``max_grad_norm`` and a ``fingerprint()``.  Every ``checkpoint_every`` steps (and at the last) the
-    trained tensors and optimizer state go to ``checkpoints``.
+    trained tensors and optimizer state go to ``checkpoints``.  ``after_step(n)`` runs after step ``n``
+    (counted from 1), before its checkpoint.
+
+    A task's loss is one tensor, or a list of terms when ``config.balance`` is ``gradmag``: then each
+    term's gradient over the global batch is scaled to unit norm before they are summed (tokenkit's
+    GradMag), so no term drowns the others whatever its scale.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    balanced = getattr(config, "balance", "sum") == "gradmag"
     bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step",
                disable=not progress or not accelerator.is_main_process)
     for step in range(start, config.steps):
@@ -300,13 +307,19 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
             group["lr"] = group["peak"] * lr_factor(step, config)
         own, counts = task.batches(step, world, rank)
         step_loss = 0.0
+        term_grads: list[list[torch.Tensor]] = []
         for index, batch in enumerate(own):
-            sync = index == len(own) - 1
+            sync = index == len(own) - 1 and not balanced
             context = accelerator.no_sync(module) if not sync and world > 1 else contextlib.nullcontext()
             with context, accelerator.autocast():
                 loss, value = task.loss(module, batch, counts)
-                accelerator.backward(loss * world)
+                if balanced:
+                    _accumulate_terms(term_grads, loss, trainable, world)
+                else:
+                    accelerator.backward(loss * world)
             step_loss += value
+        if balanced:
+            _set_balanced_grads(accelerator, term_grads, trainable)
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
@@ -318,6 +331,8 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
         report.losses.append((step + 1, round(step_loss, 6)))
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{report.tokens_per_second:.0f}")
+        if after_step is not None:
+            after_step(step + 1)
         due = checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps)
         if due and accelerator.is_main_process:
             save_checkpoint(checkpoints, step + 1, accelerator.unwrap_model(module), optimizer, config, report,
@@ -328,6 +343,31 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
             return False
     bar.close()
     return True
+
+
+def _accumulate_terms(term_grads: list[list[torch.Tensor]], terms, trainable: list, world: int) -> None:
+    """Add each term's gradient (of ``term * world``, as the loop's backward would) to its own buffers."""
+    terms = list(terms) if isinstance(terms, (list, tuple)) else [terms]
+    while len(term_grads) < len(terms):
+        term_grads.append([torch.zeros_like(p) for p in trainable])
+    for k, term in enumerate(terms):
+        grads = torch.autograd.grad(term * world, trainable, retain_graph=k < len(terms) - 1, allow_unused=True)
+        for buffer, grad in zip(term_grads[k], grads):
+            if grad is not None:
+                buffer.add_(grad)
+
+
+def _set_balanced_grads(accelerator, term_grads: list[list[torch.Tensor]], trainable: list) -> None:
+    """``.grad`` = the sum over terms of each term's global-batch gradient divided by its norm."""
+    total = [torch.zeros_like(p) for p in trainable]
+    for buffers in term_grads:
+        if accelerator.num_processes > 1:  # the processes' mean, as DDP's all-reduce would give
+            buffers = [accelerator.reduce(b, reduction="mean") for b in buffers]
+        norm = torch.sqrt(sum(b.float().square().sum() for b in buffers))
+        for t, b in zip(total, buffers):
+            t.add_(b / (norm + 1e-8))
+    for p, t in zip(trainable, total):
+        p.grad = t
 
 
 def _sum_across(accelerator, value: float) -> float:

@@ -72,16 +72,69 @@ def binary_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperatur
     return torch.exp(a) * (a - b) + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))
 
 
+def binary_cross_entropy(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of Bernoulli(p_s) under Bernoulli(p_t) (p as in :func:`binary_kl`), elementwise.
+
+    Its minimum over the student is at equality, where it is the teacher's binary entropy (not 0).
+    """
+    a = teacher_logp / temperature - EPSILON
+    b = student_logp / temperature - EPSILON
+    return -(torch.exp(a) * b + (-torch.expm1(a)) * log1mexp(b))
+
+
+def reverse_binary_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL between Bernoulli(p_s) and Bernoulli(p_t): :func:`binary_kl` with the two sides swapped."""
+    return binary_kl(student_logp, teacher_logp, temperature)
+
+
+def absolute_difference(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``|log p_t - log p_s|`` (tokenkit's ``abs``; the temperature does not enter)."""
+    return (teacher_logp - student_logp).abs()
+
+
+# ALM's distance between the teacher's and the student's chunk log-likelihoods (``--distance``).
+ALM_DISTANCES = {
+    "binary-kl": binary_kl,
+    "binary-ce": binary_cross_entropy,
+    "reverse-binary-kl": reverse_binary_kl,
+    "abs": absolute_difference,
+}
+
+
 def alm_loss(teacher_chunk_logp: torch.Tensor, student_chunk_logp: torch.Tensor, chunk_weight: torch.Tensor,
-             temperature: float = 100.0) -> torch.Tensor:
-    """Approximate likelihood matching: the weighted sum of per-chunk binarised KL divergences.
+             temperature: float = 100.0, distance: str = "binary-kl") -> torch.Tensor:
+    """Approximate likelihood matching: the weighted sum of per-chunk distances (binarised KL by default).
 
     teacher_chunk_logp, student_chunk_logp: [B, C] chunk log-likelihoods (teacher detached);
     chunk_weight: [B, C], zero for padding chunks.  The caller normalises the weights (by the batch's
-    teacher token count, so the loss is per teacher token).
+    teacher token count, so the loss is per teacher token).  ``distance``: a name in :data:`ALM_DISTANCES`.
     """
-    divergence = binary_kl(teacher_chunk_logp.detach(), student_chunk_logp, temperature)
+    divergence = ALM_DISTANCES[distance](teacher_chunk_logp.detach(), student_chunk_logp, temperature)
     return (divergence * chunk_weight).sum()
+
+
+def latent_loss(teacher_hidden: list[torch.Tensor], student_hidden: list[torch.Tensor], teacher_end: torch.Tensor,
+                student_end: torch.Tensor, chunk_weight: torch.Tensor) -> torch.Tensor:
+    """Hidden-state alignment at chunk ends (tokenkit's ``alm_latents``, squared error, "l2" normalised).
+
+    teacher_hidden, student_hidden: one [B, T, D] tensor per layer (the same number of layers, the same D);
+    teacher_end, student_end: [B, C] positions of each chunk's last token; chunk_weight: [B, C], the
+    caller's normalised weights (0 for padding chunks).  Per layer, the squared distance of the student's
+    state to the teacher's at each chunk end is divided by the mean square of the teacher's states there;
+    the result is the weighted sum over chunks, averaged over layers.
+    """
+    if len(teacher_hidden) != len(student_hidden):
+        raise ValueError("latent_loss: teacher and student give different numbers of layers")
+    rows = torch.arange(teacher_end.shape[0], device=teacher_end.device)[:, None]
+    real = (chunk_weight > 0).to(chunk_weight.dtype)
+    total = torch.zeros((), dtype=torch.float32, device=chunk_weight.device)
+    for t_layer, s_layer in zip(teacher_hidden, student_hidden):
+        t = _wide(t_layer[rows, teacher_end]).detach().float()  # [B, C, D]
+        s = _wide(s_layer[rows, student_end]).float()
+        scale = (t.square().mean(dim=-1) * real).sum() / real.sum().clamp(min=1)
+        error = (s - t).square().mean(dim=-1) / (scale + 1e-8)
+        total = total + (error * chunk_weight).sum()
+    return total / max(1, len(teacher_hidden))
 
 
 def lm_loss_sum(logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

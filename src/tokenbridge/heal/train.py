@@ -1,15 +1,17 @@
-"""Heal: embedding tuning, ALM distillation or plain fine-tuning, on one CPU or many GPUs.
+"""Heal: embedding tuning, cross-tokenizer distillation (ALM and its baselines) or fine-tuning, on one CPU
+or many GPUs.
 
 ``tokenbridge heal`` runs this directly; ``accelerate launch -m tokenbridge heal ...`` runs one copy
-per GPU (DDP through Accelerate).  The loop, checkpoints and resume are :mod:`.loop`'s; this module is
-heal's task (what a batch is, what the loss is) and its settings.
+per GPU (DDP through Accelerate).  The loop, checkpoints and resume are :mod:`.loop`'s; the objectives
+are :mod:`.objectives`'; this module is heal's task (what a batch is, which objectives it sums), its
+settings, and the held-out evaluation during training.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from ..report import REPORT_NAME
 from ..write.output_dir import check_output, staged_output
 from .chunks import CHUNK_KINDS
 from .data import Corpus, Side, alm_batch, lm_batch
+from .losses import ALM_DISTANCES, token_logprobs
+from .objectives import OBJECTIVES, RESOURCES, Outputs, StepView
 from .loop import (
     Progress,
     check_loop_settings,
@@ -34,13 +38,6 @@ from .loop import (
     start_checkpoints,
     text_inputs,
 )
-from .losses import (
-    alm_loss,
-    chunk_logprobs,
-    lm_loss_sum,
-    space_logprobs,
-    token_logprobs,
-)
 from .params import (
     LoraSettings,
     embedding_parameters,
@@ -48,10 +45,32 @@ from .params import (
     select_trainable,
 )
 
-MODES = ("embeddings", "alm", "alm+embeddings", "sft")
-DEFAULT_TRAIN = {"embeddings": "embeddings", "alm": "lora", "alm+embeddings": "lora", "sft": "all"}
+MODE_ALIASES = {"embeddings": ("sft",), "alm+embeddings": ("alm", "sft")}  # older names, their own defaults
+MODES = ("embeddings", "sft", "alm", "alm+sft", "alm+embeddings", "dskd", "uld", "mined")  # the usual ones
+BALANCES = ("sum", "gradmag")
 DEFAULT_LR = {"embeddings": 1e-3, "new-rows": 1e-3, "lora": 2e-4, "all": 3e-5}
 HEAL_REPORT = "tokenbridge-heal.json"
+EVAL_REPORT = "tokenbridge-heal-eval.json"
+EVAL_PLOT = "heal-eval.png"
+
+
+def mode_objectives(mode: str) -> tuple[str, ...]:
+    """The objectives a ``--mode`` sums: ``alm+sft`` -> ("alm", "sft"); checked, in the order given."""
+    names = MODE_ALIASES.get(mode) or tuple(mode.split("+"))
+    known = sorted(n for n in OBJECTIVES if n != "latents")
+    for name in names:
+        if name not in known:
+            raise TokenbridgeError(f"unknown --mode {mode!r}: {name!r} is not an objective ({', '.join(known)}, "
+                                   "joined by +; latents come with --latents W)")
+    if len(set(names)) != len(names):
+        raise TokenbridgeError(f"--mode {mode!r} names an objective twice")
+    return names
+
+
+def default_train(mode: str) -> str:
+    if mode == "embeddings":
+        return "embeddings"
+    return "all" if mode_objectives(mode) == ("sft",) else "lora"
 
 
 @dataclass
@@ -68,8 +87,17 @@ class HealConfig:
       matrices when the body trains too (``all``, ``lora``; default 1e-3: new rows need to move far);
       warmup: linear warm-up steps, then cosine decay to 10% of the peak. weight_decay: AdamW decay (0 keeps untrained rows of ``new-rows`` exact).
     chunks: ALM chunk kind (``word``: chunks end before whitespace, with each model's probability of a
-      whitespace-initial next token appended; ``token``: every common token boundary). temperature:
-      ALM binarisation temperature.
+      whitespace-initial next token appended; ``token``: every common token boundary; ``unbiased``: the
+      common boundaries whose last-token pair is bias-free by tokenkit's test, for any tokenizer pair).
+      temperature: ALM binarisation temperature. distance: ALM's distance between chunk likelihoods
+      (:data:`~.losses.ALM_DISTANCES`). bias_threshold: ``unbiased`` chunks' bias threshold.
+    lm_weight: weight of the ``sft`` term when the mode sums it with others. latents: weight of the
+      hidden-state alignment at chunk ends (0: off). balance: ``sum`` (weighted sum of the terms) or
+      ``gradmag`` (each term's gradient scaled to unit norm, then summed). kd_temperature: softmax
+      temperature of the dskd, uld and mined distributions.
+    mix: one sampling weight per training file (empty: every window equally often).
+    eval_every: held-out evaluation every N steps (0: only when ``heal`` gets ``eval`` files: at the
+      start and the end).
     """
 
     mode: str = "embeddings"
@@ -85,25 +113,39 @@ class HealConfig:
     max_grad_norm: float = 1.0
     chunks: str = "word"
     temperature: float = 100.0
+    distance: str = "binary-kl"
+    bias_threshold: float = 1e-4
     lm_weight: float = 1.0
+    latents: float = 0.0
+    balance: str = "sum"
+    kd_temperature: float = 1.0
+    mix: list[float] = field(default_factory=list)
+    eval_every: int = 0
     lora_rank: int = 16
     lora_alpha: float = 32.0
     seed: int = 0
     precision: str = "auto"
 
     def resolved(self) -> HealConfig:
-        if self.mode not in MODES:
-            raise TokenbridgeError(f"unknown --mode {self.mode!r} ({', '.join(MODES)})")
+        objectives = mode_objectives(self.mode)
         if self.chunks not in CHUNK_KINDS:
             raise TokenbridgeError(f"unknown --chunks {self.chunks!r} ({', '.join(CHUNK_KINDS)})")
+        if self.distance not in ALM_DISTANCES:
+            raise TokenbridgeError(f"unknown --distance {self.distance!r} ({', '.join(ALM_DISTANCES)})")
+        if self.balance not in BALANCES:
+            raise TokenbridgeError(f"unknown --balance {self.balance!r} ({', '.join(BALANCES)})")
         check_loop_settings(self)
         checks.number("--lora-rank", self.lora_rank, low=1, integer=True)
-        for name in ("lr", "embedding_lr", "weight_decay", "lm_weight"):
+        checks.number("--eval-every", self.eval_every, low=0, integer=True)
+        for name in ("lr", "embedding_lr", "weight_decay", "lm_weight", "latents", "bias_threshold"):
             checks.number(flag(name), getattr(self, name), low=0)  # lr 0: the default for what trains
-        for name in ("temperature", "lora_alpha"):
+        for name in ("temperature", "lora_alpha", "kd_temperature"):
             checks.number(flag(name), getattr(self, name), low=0, low_open=True)
+        if self.latents > 0 and not any(OBJECTIVES[n].teacher for n in objectives):
+            raise TokenbridgeError(f"--latents aligns hidden states with the teacher's; --mode {self.mode} has no teacher")
         config = HealConfig(**asdict(self))
-        config.train = config.train or DEFAULT_TRAIN[config.mode]
+        config.mix = [float(w) for w in config.mix]
+        config.train = config.train or default_train(config.mode)
         config.lr = config.lr or DEFAULT_LR[config.train]
         if config.train in ("embeddings", "new-rows"):
             config.embedding_lr = config.lr
@@ -117,6 +159,16 @@ class HealConfig:
     def fingerprint(self) -> str:
         return fingerprint(self)
 
+    def terms(self) -> list[tuple[str, float]]:
+        """(objective, weight) of every term the loss sums."""
+        names = mode_objectives(self.mode)
+        terms = [(n, self.lm_weight if n == "sft" and len(names) > 1 else 1.0) for n in names]
+        return terms + ([("latents", self.latents)] if self.latents > 0 else [])
+
+    def needs(self, what: str) -> bool:
+        """Whether any term needs ``what`` (an :class:`~.objectives.Objective` flag: teacher, hidden, pairs)."""
+        return any(getattr(OBJECTIVES[n], what) for n, _ in self.terms())
+
 
 @dataclass
 class HealReport(Progress):
@@ -128,7 +180,12 @@ class HealReport(Progress):
     device: str
     student_tokens: int = 0
     teacher_tokens: int = 0
+    evals: list[dict] = field(default_factory=list)  # held-out bits per byte: {"step", "files": {path: bpb}, "all"}
     COUNTERS = ("student_tokens", "teacher_tokens")
+
+    def restore(self, previous: dict, step: int) -> None:
+        super().restore(previous, step)
+        self.evals = list(previous.get("evals", []))
 
 
 def check_windows_fit(corpus: Corpus, side: Side, context: int | None, who: str) -> None:
@@ -146,49 +203,68 @@ def check_windows_fit(corpus: Corpus, side: Side, context: int | None, who: str)
         check_context(longest, context, "--window", "a training window", who)
 
 
-# -- the loop -------------------------------------------------------------------------------------
+class HealModule(torch.nn.Module):
+    """What trains: the student, and the modules an objective adds (DSKD's projector) in ``extras``.
 
-def _micro_loss(batch, model, teacher, student_side: Side, teacher_side: Side, config: HealConfig,
-                norms: dict, device) -> tuple[torch.Tensor, float]:
-    """The micro-batch's share of the global batch loss (already divided by the global token counts)."""
-    logits = model(input_ids=batch["student_ids"].to(device), attention_mask=batch["student_mask"].to(device)).logits
-    ids = batch["student_ids"].to(device)
-    logp, normaliser = token_logprobs(logits, ids)
-    total = torch.zeros((), device=device)
-    if config.mode in ("embeddings", "sft", "alm+embeddings"):
-        weight = config.lm_weight if config.mode == "alm+embeddings" else 1.0
-        total = total + weight * lm_loss_sum(logp, batch["loss_mask"].to(device)) / norms["student_tokens"]
-    if config.mode in ("alm", "alm+embeddings"):
+    Its forward is the student's, so DDP wraps one module and synchronises every trained parameter.
+    """
+
+    def __init__(self, student, extras: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.student = student
+        self.extras = torch.nn.ModuleDict(extras)
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+
+def _outputs(model, ids, mask, hidden: bool, head) -> Outputs:
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+    logp, normaliser = token_logprobs(out.logits, ids)
+    return Outputs(out.logits, logp, normaliser, out.hidden_states if hidden else None, head)
+
+
+def output_matrix(model) -> torch.Tensor:
+    """The output embedding matrix of a model, a PEFT-wrapped one or a :class:`HealModule` (not DDP-wrapped)."""
+    model = model.student if isinstance(model, HealModule) else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings().weight
+
+
+def step_terms(config: HealConfig, batch: dict, module, teacher, student_side: Side, teacher_side: Side | None,
+               counts: dict, extras: torch.nn.ModuleDict | None = None, resources: dict | None = None,
+               device="cpu", head: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The weighted terms of one micro-batch's loss, each its share of the global batch's mean.
+
+    ``module`` may be DDP-wrapped; then ``head`` is the student's output matrix (:func:`output_matrix`).
+    """
+    hidden = config.needs("hidden")
+    student = _outputs(module, batch["student_ids"].to(device), batch["student_mask"].to(device), hidden,
+                       output_matrix(module) if head is None else head)
+    teacher_out = None
+    if config.needs("teacher"):
         with torch.no_grad():
-            t_logits = teacher(input_ids=batch["teacher_ids"].to(device),
-                               attention_mask=batch["teacher_mask"].to(device)).logits
-            t_logp, t_norm = token_logprobs(t_logits, batch["teacher_ids"].to(device))
-            t_chunks = chunk_logprobs(t_logp, batch["teacher_chunk"].to(device), batch["chunks"])
-            if config.chunks == "word":
-                t_chunks = t_chunks + space_logprobs(t_logits, t_norm, batch["teacher_end"].to(device),
-                                                     teacher_side.space_mask.to(device))
-            del t_logits
-        s_chunks = chunk_logprobs(logp, batch["student_chunk"].to(device), batch["chunks"])
-        if config.chunks == "word":
-            s_chunks = s_chunks + space_logprobs(logits, normaliser, batch["student_end"].to(device),
-                                                 student_side.space_mask.to(device))
-        weight = batch["chunk_weight"].to(device) / norms["teacher_tokens"]
-        total = total + alm_loss(t_chunks, s_chunks, weight, config.temperature)
-    return total, float(total.detach())
+            teacher_out = _outputs(teacher, batch["teacher_ids"].to(device), batch["teacher_mask"].to(device), hidden,
+                                   teacher.get_output_embeddings().weight)
+    view = StepView(batch, counts, config, student, teacher_out, student_side, teacher_side,
+                    extras if extras is not None else torch.nn.ModuleDict(), resources or {})
+    return [weight * OBJECTIVES[name].loss(view) for name, weight in config.terms()]
 
 
 class HealTask:
     """Heal's side of the training loop: windows of the corpus, tokenized for the student (and teacher)."""
 
     def __init__(self, corpus: Corpus, config: HealConfig, student_side: Side, teacher_side: Side | None,
-                 teacher, device):
+                 teacher, extras: torch.nn.ModuleDict, resources: dict, head: torch.Tensor, device):
         self.corpus, self.config, self.device = corpus, config, device
         self.student_side, self.teacher_side, self.teacher = student_side, teacher_side, teacher
+        self.extras, self.resources, self.head = extras, resources, head
 
     def _batch(self, chosen):
         data = [p[0] for p in chosen]
         if self.teacher_side is not None:
-            return alm_batch(data, [p[1] for p in chosen], self.teacher_side, self.student_side, self.config.chunks)
+            return alm_batch(data, [p[1] for p in chosen], self.teacher_side, self.student_side, self.config.chunks,
+                             pairs=self.config.needs("pairs"), bias=self.resources.get("bias"))
         return lm_batch(data, self.student_side)
 
     def batches(self, step: int, world: int, rank: int):
@@ -196,51 +272,87 @@ class HealTask:
         per_step = config.batch_size * config.grad_accum * world
         windows = [self.corpus.example(config.seed, step * per_step + i) for i in range(per_step)]
         pieces = [self.corpus.text(w) for w in windows]
-        own, student_tokens, teacher_tokens = [], 0, 0
+        own = []
+        counts = {"student_tokens": 0, "teacher_tokens": 0, "teacher_positions": 0, "real_chunks": 0, "pairs": 0}
         for m in range(config.grad_accum):
             for r in range(world):  # every process counts the whole global batch's tokens
                 chosen = pieces[(m * world + r) * config.batch_size:(m * world + r + 1) * config.batch_size]
                 batch = self._batch(chosen)
-                student_tokens += batch["student_tokens"]
-                teacher_tokens += batch.get("teacher_tokens", 0)
+                counts["student_tokens"] += batch["student_tokens"]
+                if self.teacher_side is not None:
+                    counts["teacher_tokens"] += batch["teacher_tokens"]
+                    counts["teacher_positions"] += int(batch["teacher_mask"][:, 1:].sum())
+                    counts["real_chunks"] += batch["real_chunks"]
+                    counts["pairs"] += batch.get("pairs", 0)
                 if r == rank:
                     own.append(batch)
-        return own, {"student_tokens": max(1, student_tokens), "teacher_tokens": max(1, teacher_tokens)}
+        counts = {k: max(1, v) for k, v in counts.items()}
+        counts["micro_batches"] = config.grad_accum * world
+        return own, counts
 
     def loss(self, module, batch, counts):
-        return _micro_loss(batch, module, self.teacher, self.student_side, self.teacher_side, self.config, counts,
-                           self.device)
+        terms = step_terms(self.config, batch, module, self.teacher, self.student_side, self.teacher_side, counts,
+                           self.extras, self.resources, self.device, self.head)
+        value = float(sum(float(t.detach()) for t in terms))
+        return (terms if self.config.balance == "gradmag" else sum(terms)), value
 
     def count(self, report, counts):
         report.student_tokens += counts["student_tokens"]
         report.teacher_tokens += counts["teacher_tokens"] if self.teacher_side is not None else 0
 
 
+class HeldOut:
+    """Bits per byte of the student on held-out files, every ``eval_every`` steps, into the report."""
+
+    def __init__(self, paths: list[Path], window: int, tokenizer, report: HealReport):
+        from ..measure.bpb import read_texts
+
+        self.texts = read_texts(paths, None)
+        self.window, self.tokenizer, self.report = window, tokenizer, report
+
+    def __call__(self, step: int, model) -> None:
+        from ..measure.bpb import Scorer
+
+        was_training = model.training
+        scorer = Scorer(model, self.tokenizer)
+        files = {name: scorer.score_file(name, data, self.window) for name, data in self.texts.items()}
+        model.train(was_training)
+        bits, size = sum(f.bits for f in files.values()), sum(f.bytes for f in files.values())
+        self.report.evals.append({"step": step, "files": {n: round(f.bits_per_byte, 6) for n, f in files.items()},
+                                  "all": round(bits / size, 6)})
+
+
 def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teacher: Path | None = None,
          resume: bool = False, force: bool = False, progress: bool = True, checkpoint_every: int = 0,
-         stop_after: int | None = None, allow_pickle: bool = False) -> tuple[Path, HealReport]:
+         stop_after: int | None = None, allow_pickle: bool = False,
+         eval_texts: list[Path] = ()) -> tuple[Path, HealReport]:
     """Train ``student`` on ``texts`` as ``config`` says and write the healed model to ``out``.
 
     Every ``checkpoint_every`` steps (and at the end) the trained tensors and optimizer state go to
     ``OUT.checkpoints/``; ``resume`` continues from there exactly.  ``stop_after`` ends the run after
     that many steps without writing ``out`` (as if it had been interrupted; for tests and time-boxed runs).
     A resumed run must have the same settings and the same inputs (student, teacher and texts, by content).
+    ``eval_texts``: held-out files scored (bits per byte) before the first step, every
+    ``config.eval_every`` steps and after the last; the curve goes into the report and into OUT as JSON
+    and a plot.
     """
     config = config.resolved()
     checks.number("checkpoint_every", checkpoint_every, low=0, integer=True)
     if stop_after is not None:
         checks.number("stop_after", stop_after, low=1, integer=True)
+    if config.eval_every and not eval_texts:
+        raise TokenbridgeError("--eval-every needs --eval FILE... (the held-out text to score)")
     out = Path(out)
     student_dir = resolve_source(Path(student))
     teacher_dir = resolve_source(Path(teacher)) if teacher else None
     inputs = [student_dir] + ([teacher_dir] if teacher_dir else [])
-    protected = inputs + [Path(t) for t in texts]
+    protected = inputs + [Path(t) for t in texts] + [Path(t) for t in eval_texts]
     check_output(out, force, protected=protected)
-    if config.mode in ("alm", "alm+embeddings") and teacher is None:
+    if config.needs("teacher") and teacher is None:
         raise TokenbridgeError(f"--mode {config.mode} needs --teacher (the original model)")
     checkpoints, found = start_checkpoints(out, resume, force, protected)
 
-    corpus = Corpus([Path(t) for t in texts], config.window)
+    corpus = Corpus([Path(t) for t in texts], config.window, config.mix or None)
     accelerator = make_accelerator(config.precision)
     device = accelerator.device
     torch.manual_seed(config.seed)
@@ -248,12 +360,13 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     student_side = Side(tokenizer, model.get_output_embeddings().weight.shape[0])
     check_windows_fit(corpus, student_side, context_length(model.config), "the student")
     teacher_model = teacher_side = None
-    if config.mode in ("alm", "alm+embeddings"):
+    if config.needs("teacher"):
         teacher_model, teacher_tokenizer = load_causal_lm(teacher_dir, allow_pickle=allow_pickle)
         teacher_model.requires_grad_(False)
         teacher_model.to(device)
         teacher_side = Side(teacher_tokenizer, teacher_model.get_output_embeddings().weight.shape[0])
         check_windows_fit(corpus, teacher_side, context_length(teacher_model.config), "the teacher")
+    resources = _resources(config, corpus, student_side, teacher_side, progress and accelerator.is_main_process)
     run = None  # hashing the models is needed only to write checkpoints or to check one
     if found or checkpoint_every > 0:
         with_teacher = teacher_model is not None
@@ -262,34 +375,69 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
                "texts": text_inputs(corpus.paths, corpus.documents)}
     model = select_trainable(model, config.train, student_dir, LoraSettings(config.lora_rank, config.lora_alpha))
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    extras = {name: OBJECTIVES[name].extra(model, teacher_model) for name, _ in config.terms()
+              if OBJECTIVES[name].extra is not None}
+    module = HealModule(model, extras).to(device)
+    trainable = [p for p in module.parameters() if p.requires_grad]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embedding_ids = {id(p) for p in embedding_parameters(base)}
-    groups = [{"params": [p for p in trainable if id(p) in embedding_ids], "peak": config.embedding_lr},
-              {"params": [p for p in trainable if id(p) not in embedding_ids], "peak": config.lr}]
+    # new rows and objectives' own modules start far from their optimum: the embedding learning rate
+    fast = {id(p) for p in embedding_parameters(base)} | {id(p) for p in module.extras.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in fast], "peak": config.embedding_lr},
+              {"params": [p for p in trainable if id(p) not in fast], "peak": config.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr,
                                   weight_decay=config.weight_decay, foreach=False)
     start = 0
     report = HealReport(str(student), str(teacher) if teacher else None, corpus.paths, asdict(config),
                         accelerator.num_processes, str(device))
     if found:
-        state = load_checkpoint(found, model, optimizer, config, run, "heal")
+        state = load_checkpoint(found, module, optimizer, config, run, "heal")
         start = state["step"]
         report.restore(state["report"], start)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    task = HealTask(corpus, config, student_side, teacher_side, teacher_model, device)
-    finished = run_steps(accelerator, model, optimizer, config, task, report, start=start,
+    held_out = HeldOut([Path(p) for p in eval_texts], config.window, tokenizer, report) if eval_texts else None
+    if held_out is not None and start == 0 and accelerator.is_main_process:
+        held_out(0, model)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    unwrapped = accelerator.unwrap_model(module)
+    task = HealTask(corpus, config, student_side, teacher_side, teacher_model, unwrapped.extras, resources,
+                    output_matrix(unwrapped), device)
+
+    def evaluate(step: int) -> None:
+        last = step == config.steps
+        if held_out is not None and accelerator.is_main_process and (
+                last or (config.eval_every and step % config.eval_every == 0)):
+            held_out(step, accelerator.unwrap_model(module).student)
+
+    finished = run_steps(accelerator, module, optimizer, config, task, report, start=start,
                          desc=f"heal ({config.mode}, {config.train})", kind="heal", checkpoints=checkpoints,
-                         checkpoint_every=checkpoint_every, inputs=run, stop_after=stop_after, progress=progress)
+                         checkpoint_every=checkpoint_every, inputs=run, stop_after=stop_after, progress=progress,
+                         after_step=evaluate)
     if not finished:
         return checkpoints, report
 
     written = out
     if accelerator.is_main_process:
-        final = finished_model(accelerator.unwrap_model(model))
+        final = finished_model(accelerator.unwrap_model(module).student)
         written = _write_model(final, tokenizer, student_dir, out, force, report)
     accelerator.wait_for_everyone()
     return written, report
+
+
+def _resources(config: HealConfig, corpus: Corpus, student_side: Side, teacher_side: Side | None,
+               progress: bool) -> dict:
+    """What the run's objectives compute once: the MinED mapping, the pair biases of unbiased chunks."""
+    found = {}
+    for name, _ in config.terms():
+        if name in RESOURCES:
+            found[name] = RESOURCES[name](student_side, teacher_side, progress)
+    if config.chunks == "unbiased" and teacher_side is not None:
+        from .chunks import PairBias, unigram_probs
+
+        sample = [corpus.text(w)[0] for w in corpus.windows[:: max(1, len(corpus.windows) // 512)]]
+        found["bias"] = PairBias(teacher_side.vocab, student_side.vocab,
+                                 unigram_probs(teacher_side.encode(sample), len(teacher_side.vocab)),
+                                 unigram_probs(student_side.encode(sample), len(student_side.vocab)),
+                                 threshold=config.bias_threshold)
+    return found
 
 
 def _write_model(model, tokenizer, student_dir: Path, out: Path, force: bool, report: HealReport) -> Path:
@@ -302,4 +450,32 @@ def _write_model(model, tokenizer, student_dir: Path, out: Path, force: bool, re
         if (student_dir / REPORT_NAME).is_file():
             shutil.copyfile(student_dir / REPORT_NAME, tmp / REPORT_NAME)
         (tmp / HEAL_REPORT).write_text(json.dumps(report.to_dict(timings=False), indent=1) + "\n")
+        if report.evals:
+            (tmp / EVAL_REPORT).write_text(json.dumps(report.evals, indent=1) + "\n")
+            plot_evals(report.evals, tmp / EVAL_PLOT, f"heal --mode {report.config['mode']}")
     return out
+
+
+def plot_evals(evals: list[dict], path: Path, title: str) -> None:
+    """Held-out bits per byte against steps, one line per file and one for all of them, as a ratio to step 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in evals]
+    first = evals[0]
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for name in first["files"]:
+        axes.plot(steps, [e["files"][name] / first["files"][name] for e in evals], marker="o", markersize=3,
+                  label=Path(name).name)
+    axes.plot(steps, [e["all"] / first["all"] for e in evals], color="black", linewidth=2.2, label="all files")
+    axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(f"held-out bits per byte / step {first['step']}")
+    axes.set_title(f"{title}: held-out bits per byte during training")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
