@@ -92,7 +92,10 @@ def table_report(control: Path, paths: list[Path]) -> str:
         for k in keys:
             healed, control = run["slices"][k]["healed"], base["slices"][k]["healed"]
             gaps.append(_percent((zero[k] - healed) / (zero[k] - control)) if abs(zero[k] - control) > 1e-9 else "-")
-        lines.append(f"| {run['mode']} ({run['config']['train']}) | {run['steps']} | {run['student_tokens']:,} | "
+        config = run["config"]
+        variant = "".join([f", {config['chunks']} chunks" if "alm" in run["mode"] and config["chunks"] != "word" else "",
+                           ", gradmag" if config.get("balance") == "gradmag" else ""])
+        lines.append(f"| {run['mode']}{variant} ({config['train']}) | {run['steps']} | {run['student_tokens']:,} | "
                      f"{run['train_seconds'] / 60:.1f} | " + " | ".join(f"{run['slices'][k]['healed_ratio']:.3f}" for k in keys)
                      + " | " + ", ".join(gaps) + " |")
     return "\n".join(lines)
