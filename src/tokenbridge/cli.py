@@ -481,8 +481,8 @@ def cmd_heal(args) -> int:
     if report.evals and not args.json:
         first, last = report.evals[0], report.evals[-1]
         print(f"  held-out bits per byte {first['all']:.4f} at step {first['step']} -> {last['all']:.4f} at step "
-              f"{last['step']}" + (f" (curve: {Path(out) / 'heal-eval.png'})" if last['step'] == report.steps_done
-                                   and report.steps_done == report.config['steps'] else ""))
+              f"{last['step']}" + (f" (curve: {Path(out) / 'heal-eval.png'})"
+                                   if report.steps_done == report.config['steps'] else ""))
     return code
 
 

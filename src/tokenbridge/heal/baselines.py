@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..align.token_bytes import TokenInfo, Vocabulary
-from ..cache import cache_root
+from ..cache import cache_root, staged_entry, usable_entry
 from ..errors import TokenbridgeError
 from .losses import _wide
 
@@ -160,9 +160,7 @@ def mined_key(student: Vocabulary, teacher: Vocabulary) -> str:
 
 def _read_entry(entry, key: str, student_size: int, teacher_size: int) -> np.ndarray | None:
     """The cached mapping, or None (reported) when its manifest, key, shape or ids are wrong."""
-    from ..load.gguf import _usable_entry
-
-    if not _usable_entry(entry):
+    if not usable_entry(entry):
         return None
     try:
         info = json.loads((entry / _INFO_FILE).read_text(encoding="utf-8"))
@@ -180,17 +178,13 @@ def _read_entry(entry, key: str, student_size: int, teacher_size: int) -> np.nda
 def cached_mined_mapping(student: Vocabulary, teacher: Vocabulary, progress: bool = False,
                          workers: int = -1) -> np.ndarray:
     """:func:`mined_mapping`, computed once and kept under ``cache_root()/mined/<key>`` (verified on each use)."""
-    from ..write.output_dir import check_output, staged_output
-
     key = mined_key(student, teacher)
     entry = cache_root() / "mined" / key[:24]
     cached = _read_entry(entry, key, len(student), len(teacher))
     if cached is not None:
         return cached
     mapping = mined_mapping(student, teacher, progress=progress, workers=workers)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    check_output(entry, force=True, allow_cache=True)
-    with staged_output(entry, force=True, manifest=True) as tmp:
+    with staged_entry(entry) as tmp:
         np.save(tmp / _MAPPING_FILE, mapping, allow_pickle=False)
         info = {"format": MINED_FORMAT, "key": key, "student_size": len(student), "teacher_size": len(teacher)}
         (tmp / _INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -178,7 +178,7 @@ def alm_batch(texts: list[bytes], followers: list[int | None], teacher: Side, st
         all_chunks.append(align_chunks(t_ends, s_ends, data, kind, follower, **extra))
         teacher_rows.append([teacher.prefix_id] + t_ids)
         if pairs:
-            token_chunks = align_chunks(t_ends, s_ends, data, "token", follower)
+            token_chunks = all_chunks[-1] if kind == "token" else align_chunks(t_ends, s_ends, data, "token", follower)
             starts = ([(0, 0)] if token_chunks else []) + [(c.teacher_end, c.student_end) for c in token_chunks[:-1]]
             all_pairs.append([(t, s, token_chunks[k].teacher_end - t == 1 and token_chunks[k].student_end - s == 1,
                                s_ids[s]) for k, (t, s) in enumerate(starts)])

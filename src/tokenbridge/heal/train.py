@@ -23,8 +23,6 @@ from ..report import REPORT_NAME
 from ..write.output_dir import check_output, staged_output
 from .chunks import CHUNK_KINDS
 from .data import Corpus, Side, alm_batch, lm_batch
-from .losses import ALM_DISTANCES, token_logprobs
-from .objectives import OBJECTIVES, RESOURCES, Outputs, StepView
 from .loop import (
     Progress,
     check_loop_settings,
@@ -38,6 +36,8 @@ from .loop import (
     start_checkpoints,
     text_inputs,
 )
+from .losses import ALM_DISTANCES, token_logprobs
+from .objectives import OBJECTIVES, RESOURCES, Outputs, StepView
 from .params import (
     LoraSettings,
     embedding_parameters,

@@ -11,14 +11,12 @@ import hashlib
 import math
 import mmap
 import struct
-import sys
 from pathlib import Path
 
-from ..cache import cache_root
+from ..cache import cache_root, staged_entry, usable_entry
 from ..errors import TokenbridgeError
-from ..write.manifest import verify_manifest
 from .hf import first_line, quiet_transformers
-from ..write.output_dir import check_output, staged_output, sweep_orphans
+from ..write.output_dir import check_output, staged_output
 
 
 def file_digest(path: Path) -> str:
@@ -226,28 +224,12 @@ def convert_gguf(gguf: Path, out: Path, force: bool = False, cache: bool = False
     return out
 
 
-def _usable_entry(entry: Path) -> bool:
-    """Whether the cache entry ``entry`` exists and matches its manifest; a corrupt one is reported.
-
-    Temp dirs that killed conversions left beside it are swept first.
-    """
-    if entry.parent.is_dir():
-        sweep_orphans(entry.parent)
-    if not entry.exists():
-        return False
-    reason = verify_manifest(entry)
-    if reason is None:
-        return True
-    print(f"tokenbridge: cache entry {entry} is corrupt ({reason}); rebuilding", file=sys.stderr)
-    return False
-
-
 def cached_model_dir(gguf: Path) -> Path:
     """The converted directory for ``gguf``, converting it on first use (and again when its checksums fail)."""
     gguf = Path(gguf)
     validate_gguf(gguf)
     target = cache_root() / "gguf" / file_digest(gguf)[:24]
-    if not _usable_entry(target):
+    if not usable_entry(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf, target, force=True, cache=True)
     return target
@@ -262,9 +244,7 @@ def cached_tokenizer_dir(gguf: Path) -> Path:
     gguf = Path(gguf)
     validate_gguf(gguf)
     target = cache_root() / "gguf-tokenizer" / file_digest(gguf)[:24]
-    if not _usable_entry(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        check_output(target, force=True, allow_cache=True)
-        with staged_output(target, force=True, manifest=True) as tmp:
+    if not usable_entry(target):
+        with staged_entry(target) as tmp:
             _save_tokenizer(gguf, tmp)
     return target
