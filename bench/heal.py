@@ -13,6 +13,12 @@ mode, from the pair's zero-shot transplant:
 
 The gap closed on a slice is (zero-shot ratio - healed ratio) / (zero-shot ratio - 1).
 
+Pair 3 distils a different model: the student is SmolLM2-135M itself (``--student packaged:smollm2``,
+never transplanted), the teacher Gemma-3-270M; ratios are to the teacher, and the gap closed is the share
+of the student's distance to the teacher that training removes.  ``--text de`` trains on German alone.
+Pair 4 is SmolLM2-135M moved to bytes (``tokenbridge transplant packaged:smollm2 bytes OUT``), healed
+from SmolLM2 itself.
+
 ``--text mixed`` trains on the training halves (from byte 60000 on) of en, de, ja and code, sampled
 equally (``heal --mix 1 1 1 1``) instead of English alone; ``--steps N`` gives every objective the same
 budget (the same windows, so the same bytes and student tokens).  ``--control`` trains the original
@@ -43,7 +49,9 @@ sys.path.insert(0, str(REPO / "src"))
 from transplant import CORPORA, TRAIN_OFFSET, write_slices
 
 PAIRS = {1: ("Gemma-3-270M -> SmolLM2 tokenizer", "packaged:gemma3"),
-         2: ("SmolLM2-135M -> Gemma-3 tokenizer", "packaged:smollm2")}
+         2: ("SmolLM2-135M -> Gemma-3 tokenizer", "packaged:smollm2"),
+         3: ("Gemma-3-270M distilled into SmolLM2-135M", "packaged:gemma3"),
+         4: ("SmolLM2-135M -> bytes", "packaged:smollm2")}
 
 
 def score(model, slices, size) -> dict:
@@ -103,7 +111,7 @@ def table_report(control: Path, paths: list[Path]) -> str:
 
 def training_text(workdir: Path, kind: str) -> tuple[list[Path], list[float] | None]:
     """The training files: English alone, or the training halves of en, de, ja and code, mixed equally."""
-    names = {"en": ["debref.en.txt"], "mixed": ["debref.en.txt", "debref.de.txt", "debref.ja.txt", "code.python.txt"]}
+    names = {"en": ["debref.en.txt"], "de": ["debref.de.txt"], "mixed": ["debref.en.txt", "debref.de.txt", "debref.ja.txt", "code.python.txt"]}
     paths = []
     for name in names[kind]:
         path = workdir / f"train-{name.split('.')[-2]}.txt"
@@ -125,11 +133,11 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", type=int, choices=sorted(PAIRS), required=True)
-    parser.add_argument("--student", type=Path, help="the pair's zero-shot transplant")
+    parser.add_argument("--student", help="the pair's zero-shot transplant (or packaged:NAME)")
     parser.add_argument("--control", action="store_true",
                         help="train the original model itself the same way (what the training text alone is worth)")
     parser.add_argument("--mode", default="embeddings")
-    parser.add_argument("--text", default="en", choices=["en", "mixed"], help="training text (see above)")
+    parser.add_argument("--text", default="en", choices=["en", "de", "mixed"], help="training text (see above)")
     parser.add_argument("--chunks", default="word")
     parser.add_argument("--distance", default="binary-kl")
     parser.add_argument("--latents", type=float, default=0.0)
@@ -159,6 +167,8 @@ def main() -> None:
         args.student = teacher
     elif args.student is None:
         parser.error("--student is required (or --control)")
+    else:
+        args.student = resolve(args.student)
     tag = "control" if args.control else "zero-shot"
     args.workdir.mkdir(parents=True, exist_ok=True)
     slices = write_slices(args.workdir / "slices", args.bytes)

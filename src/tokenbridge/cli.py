@@ -81,30 +81,39 @@ def cmd_transplant(args) -> int:
         raise TokenbridgeError("transplant takes SOURCE OUT with --train-tokenizer" if args.train_tokenizer
                                else "transplant takes SOURCE TARGET OUT (or SOURCE OUT with --train-tokenizer)")
     source, out = resolve(args.paths[0]), Path(args.paths[-1])
+    # TARGET ``bytes`` is the built-in byte tokenizer, made like SOURCE's; ``./bytes`` names a path.
+    byte_target = not args.train_tokenizer and args.paths[1] == "bytes"
     if not args.train_tokenizer:
         if args.vocab_size is not None or args.supertokens or args.type != "bpe":
             raise TokenbridgeError("--vocab-size, --type and --supertokens apply only with --train-tokenizer")
-        return _transplant_and_print(args, source, resolve(args.paths[1]), out)
-    if args.vocab_size is None:
+        if not byte_target:
+            return _transplant_and_print(args, source, resolve(args.paths[1]), out)
+    elif args.vocab_size is None:
         raise TokenbridgeError("--train-tokenizer needs --vocab-size")
     import shutil
 
-    from .tokenizers.api import train
+    from .tokenizers.api import byte_tokenizer, train
     from .write.output_dir import check_output, publish_path, sweep_orphans, temp_dir
 
-    check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer)])
+    check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer or [])])
+    if byte_target and os.path.lexists("bytes") and not args.quiet:
+        print("tokenbridge: note: TARGET bytes is the built-in byte tokenizer; write ./bytes for the path",
+              file=sys.stderr)
     parent = publish_path(out).parent
     parent.mkdir(parents=True, exist_ok=True)
     sweep_orphans(parent)
     tmp = temp_dir(parent, f"{out.name}.tokenizer")
     try:
         tokenizer = tmp / "tokenizer"
-        trained = train([Path(p) for p in args.train_tokenizer], tokenizer, _train_config(args), like=source,
-                        progress=not args.quiet)
-        trained.out = f"{out} (its tokenizer)"
+        if byte_target:
+            made = byte_tokenizer(source, tokenizer)
+        else:
+            made = train([Path(p) for p in args.train_tokenizer], tokenizer, _train_config(args), like=source,
+                         progress=not args.quiet)
+        made.out = f"{out} (its tokenizer)"
         if not args.json:
-            _print_tokenizer_report(trained, False)
-        return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": trained.summary()})
+            _print_tokenizer_report(made, False)
+        return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": made.summary()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,6 +185,17 @@ def cmd_tokenizer_prune(args) -> int:
     from .tokenizers.api import prune
 
     report = prune(resolve(args.source), [Path(p) for p in args.text], Path(args.out), args.keep, force=args.force)
+    _print_tokenizer_report(report, args.json)
+    return 0
+
+
+def cmd_tokenizer_bytes(args) -> int:
+    from pathlib import Path
+
+    from .load.packaged import resolve
+    from .tokenizers.api import byte_tokenizer
+
+    report = byte_tokenizer(resolve(args.like), Path(args.out), force=args.force)
     _print_tokenizer_report(report, args.json)
     return 0
 
@@ -475,7 +495,7 @@ def cmd_heal(args) -> int:
                        teacher=resolve(args.teacher) if args.teacher else None, resume=args.resume, force=args.force,
                        progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                        stop_after=args.stop_after, allow_pickle=args.allow_pickle,
-                       eval_texts=[Path(p) for p in args.eval])
+                       eval_texts=[Path(p) for p in args.eval], fsdp=args.fsdp)
     code = _print_run(args, out, report, f"{report.config['mode']} loss, training {report.config['train']}",
                       f"{report.student_tokens} student tokens")
     if report.evals and not args.json:
@@ -526,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="SOURCE TARGET OUT, or SOURCE OUT with --train-tokenizer. SOURCE: model directory "
                         "(safetensors), .gguf file, or packaged:smollm2|gemma3; TARGET: "
-                        "tokenizer directory, model directory, tokenizer.json, .gguf, or packaged:NAME (omitted "
+                        "tokenizer directory, model directory, tokenizer.json, .gguf, packaged:NAME, or bytes (a byte "
+                        "tokenizer with SOURCE's special tokens; ./bytes for a path of that name) (omitted "
                         "with --train-tokenizer); OUT: output model directory")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
@@ -539,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tokenizer_training_options(p, required=False)
     p.set_defaults(func=cmd_transplant)
 
-    p = sub.add_parser("tokenizer", help="train, extend or prune a tokenizer")
+    p = sub.add_parser("tokenizer", help="train, extend or prune a tokenizer, or make a byte tokenizer")
     inner = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     q = inner.add_parser("train", help="train a BPE or Unigram tokenizer (optionally with supertokens)")
     q.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text (UTF-8)")
@@ -562,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", type=POSITIVE, required=True, metavar="N", help="vocabulary size of the result")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_prune)
+    q = inner.add_parser("bytes", help="a byte tokenizer (one token per byte, ids 0-255) with SOURCE's special "
+                                       "tokens; `transplant SOURCE bytes OUT` uses it")
+    q.add_argument("--like", required=True, metavar="SOURCE",
+                   help="take the special tokens, roles, BOS and chat template from this tokenizer (a tokenizer "
+                        "or model directory, tokenizer.json, .gguf, or packaged:NAME)")
+    _tokenizer_output_options(q)
+    q.set_defaults(func=cmd_tokenizer_bytes)
 
     p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
     p.add_argument("gguf")
@@ -665,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the embedding matrices (and DSKD's projector) when the body trains "
                         "too (default 1e-3)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the student, its gradients and optimizer state over the processes (FSDP2; launch "
+                        "with torchrun or accelerate launch); checkpoints are sharded, OUT is a normal model")
     p.add_argument("--chunks", default="word", choices=["word", "token", "unbiased"],
                    help="ALM chunks: end before whitespace with space-probability debiasing (word), at every "
                         "common token boundary (token), or at the boundaries tokenkit's pair-bias test finds "

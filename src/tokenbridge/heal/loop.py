@@ -118,11 +118,12 @@ def lr_factor(step: int, config) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, fsdp: bool = False):
     """An Accelerate ``Accelerator``: one process per GPU under ``accelerate launch`` (or ``torchrun``).
 
     Without CUDA the processes run on CPUs and synchronise through gloo (``torchrun --nproc_per_node N``).
-    DDP only: every process holds the whole model.
+    Without ``fsdp`` every process holds the whole model (DDP); with it the caller shards the model
+    (:mod:`.shard`), and an Accelerate FSDP config is accepted for its settings.
     """
     from accelerate import Accelerator
 
@@ -130,9 +131,12 @@ def make_accelerator(precision: str):
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not cuda)
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise TokenbridgeError(f"accelerate is configured for {accelerator.distributed_type.value}; training runs on "
-                               "one process or with DDP (accelerate launch --multi_gpu), which copies the model per GPU")
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP" and not fsdp:
+        raise TokenbridgeError("accelerate is configured for FSDP; pass --fsdp to shard the model")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise TokenbridgeError(f"accelerate is configured for {kind}; training runs on one process, with DDP "
+                               "(accelerate launch --multi_gpu) or with FSDP (--fsdp)")
     return accelerator
 
 
@@ -174,10 +178,25 @@ def model_input(given, directory) -> dict | None:
     return None if directory is None else {"path": str(given), "sha256": model_digest(directory)}
 
 
-def save_checkpoint(directory: Path, step: int, module, optimizer, config, report, inputs: dict, kind: str) -> Path:
+def save_checkpoint(directory: Path, step: int, module, optimizer, config, report, inputs: dict, kind: str,
+                    is_main: bool = True) -> Path:
     """``step-N/``: trained tensors and AdamW state as safetensors, the rest as JSON, every file's checksum
-    in a manifest; staged like every output, then older steps are removed."""
+    in a manifest; staged like every output, then older steps are removed.
+
+    A sharded ``module`` (FSDP) is saved by every process together (:func:`.shard.save`); otherwise only
+    the main process calls this.
+    """
     final = directory / f"step-{step:08d}"
+    if _sharded(module):
+        from . import shard
+
+        state = {"format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "fingerprint": config.fingerprint(),
+                 "config": asdict(config), "inputs": inputs, "sharded": _world(),
+                 "param_names": _trained_names(module), "report": report.to_dict()}
+        shard.save(final, module, optimizer, state, is_main)
+        if is_main:
+            _drop_older(directory, final)
+        return final
     with staged_output(final, force=True, manifest=True) as tmp:
         save_file({n: t.contiguous().cpu() for n, t in trainable_state(module).items()},
                   str(tmp / "trainable.safetensors"))
@@ -195,10 +214,30 @@ def save_checkpoint(directory: Path, step: int, module, optimizer, config, repor
             "config": asdict(config), "inputs": inputs, "param_groups": state["param_groups"],
             "optimizer_scalars": scalars, "param_names": _optimizer_param_names(module, optimizer),
             "report": report.to_dict()}, indent=1))
+    _drop_older(directory, final)
+    return final
+
+
+def _drop_older(directory: Path, final: Path) -> None:
     for old in directory.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _sharded(module) -> bool:
+    from .shard import is_sharded
+
+    return is_sharded(module)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _trained_names(module) -> list[str]:
+    return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
 def _optimizer_param_names(module, optimizer) -> list[str]:
@@ -244,8 +283,6 @@ def load_checkpoint(path: Path, module, optimizer, config, inputs: dict, kind: s
         raise _corrupt(path, problem)
     try:
         state = json.loads((path / "state.json").read_text())
-        trained = load_file(str(path / "trainable.safetensors"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
     except Exception as error:  # noqa: BLE001 - checksums matched, so the writer was at fault
         raise _corrupt(path, f"{type(error).__name__}: {error}") from None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("kind", "heal") != kind:
@@ -258,6 +295,25 @@ def load_checkpoint(path: Path, module, optimizer, config, inputs: dict, kind: s
     if changes:
         raise TokenbridgeError(f"{path}: cannot resume: {'; '.join(changes)} (resume with the same inputs, "
                                "or start over with --force)")
+    sharded = state.get("sharded")
+    if bool(sharded) != _sharded(module):
+        raise TokenbridgeError(f"{path}: the checkpoint was made with --fsdp over {sharded} processes; resume with --fsdp"
+                               if sharded else f"{path}: the checkpoint was made without --fsdp; resume without it")
+    if sharded:
+        from . import shard
+
+        if _trained_names(module) != state["param_names"]:
+            raise TokenbridgeError(f"{path}: the checkpoint's tensors do not match the trainable parameters")
+        try:
+            shard.load(path, module, optimizer)
+        except Exception as error:  # noqa: BLE001 - checksums matched, so the writer was at fault
+            raise _corrupt(path, f"{type(error).__name__}: {error}") from None
+        return state
+    try:
+        trained = load_file(str(path / "trainable.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as error:  # noqa: BLE001 - checksums matched, so the writer was at fault
+        raise _corrupt(path, f"{type(error).__name__}: {error}") from None
     params = dict(module.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trained]
     if missing or any(n not in params for n in trained):
@@ -282,7 +338,8 @@ def load_checkpoint(path: Path, module, optimizer, config, inputs: dict, kind: s
 
 def run_steps(accelerator, module, optimizer, config, task: Task, report, *, start: int, desc: str, kind: str,
               checkpoints: Path, checkpoint_every: int, inputs: dict | None, stop_after: int | None,
-              progress: bool, after_step: Callable[[int], None] | None = None) -> bool:
+              progress: bool, after_step: Callable[[int], None] | None = None,
+              row_masks: dict[str, torch.Tensor] | None = None) -> bool:
     """Steps ``start .. config.steps`` of one run; True when the last one is done (False: ``stop_after``).
 
     ``module`` and ``optimizer`` have been through ``accelerator.prepare``; every optimizer group carries
@@ -294,10 +351,17 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
     A task's loss is one tensor, or a list of terms when ``config.balance`` is ``gradmag``: then each
     term's gradient over the global batch is scaled to unit norm before they are summed (tokenkit's
     GradMag), so no term drowns the others whatever its scale.
+
+    A sharded ``module`` (FSDP, :mod:`.shard`) is not prepared by Accelerate: its gradients are
+    reduce-scattered on every backward, ``row_masks`` (parameter name -> 0/1 per row) zero the rows that
+    must not train, and every process writes its shards of each checkpoint.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     balanced = getattr(config, "balance", "sum") == "gradmag"
+    sharded = _sharded(module)
+    if sharded and balanced:
+        raise TokenbridgeError("--balance gradmag cannot run with --fsdp (it takes each term's gradient apart)")
     bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step",
                disable=not progress or not accelerator.is_main_process)
     for step in range(start, config.steps):
@@ -310,7 +374,8 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
         term_grads: list[list[torch.Tensor]] = []
         for index, batch in enumerate(own):
             sync = index == len(own) - 1 and not balanced
-            context = accelerator.no_sync(module) if not sync and world > 1 else contextlib.nullcontext()
+            skip_sync = not sync and world > 1 and not sharded  # FSDP reduce-scatters every backward
+            context = accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
             with context, accelerator.autocast():
                 loss, value = task.loss(module, batch, counts)
                 if balanced:
@@ -320,7 +385,13 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
             step_loss += value
         if balanced:
             _set_balanced_grads(accelerator, term_grads, trainable)
-        if config.max_grad_norm > 0:
+        if sharded and row_masks:
+            from .shard import mask_rows
+
+            mask_rows(module, row_masks)
+        if config.max_grad_norm > 0 and sharded:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        elif config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -334,7 +405,10 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
         if after_step is not None:
             after_step(step + 1)
         due = checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps)
-        if due and accelerator.is_main_process:
+        if due and sharded:
+            save_checkpoint(checkpoints, step + 1, module, optimizer, config, report, inputs, kind,
+                            is_main=accelerator.is_main_process)
+        elif due and accelerator.is_main_process:
             save_checkpoint(checkpoints, step + 1, accelerator.unwrap_model(module), optimizer, config, report,
                             inputs, kind)
         accelerator.wait_for_everyone()

@@ -86,13 +86,25 @@ def select_trainable(model, train: str, student_dir: Path | None = None, lora: L
     for param in embeddings:
         param.requires_grad_(True)
     if train == "new-rows":
-        rows = new_rows(student_dir)
-        for param in embeddings:  # the input matrix, then the output matrix and bias (their rows: "output")
-            wanted = rows["input" if param is embeddings[0] else "output"]
-            mask = torch.zeros(param.shape[0])
-            mask[[r for r in wanted if r < param.shape[0]]] = 1.0
-            param.register_hook(_row_mask_hook(mask))
+        params = dict(model.named_parameters())
+        for name, mask in row_masks(model, student_dir).items():
+            params[name].register_hook(_row_mask_hook(mask))
     return model
+
+
+def row_masks(model, student_dir: Path) -> dict[str, torch.Tensor]:
+    """``new-rows``: per embedding parameter (by name in ``model``), 1 for the rows the transplant
+    initialised and 0 for the copied rows, which must keep their values."""
+    rows = new_rows(student_dir)
+    embeddings = embedding_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    masks = {}
+    for param in embeddings:  # the input matrix, then the output matrix and bias (their rows: "output")
+        wanted = rows["input" if param is embeddings[0] else "output"]
+        mask = torch.zeros(param.shape[0])
+        mask[[r for r in wanted if r < param.shape[0]]] = 1.0
+        masks[names[id(param)]] = mask
+    return masks
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 from .. import checks
 from ..errors import TokenbridgeError
-from ..load.model import check_context, context_length, load_causal_lm, resolve_source
+from ..load.model import check_context, context_length, empty_causal_lm, load_causal_lm, resolve_source
 from ..report import REPORT_NAME
 from ..write.output_dir import check_output, staged_output
 from .chunks import CHUNK_KINDS
@@ -38,10 +38,12 @@ from .loop import (
 )
 from .losses import ALM_DISTANCES, token_logprobs
 from .objectives import OBJECTIVES, RESOURCES, Outputs, StepView
+from . import shard
 from .params import (
     LoraSettings,
     embedding_parameters,
     finished_model,
+    row_masks,
     select_trainable,
 )
 
@@ -178,14 +180,18 @@ class HealReport(Progress):
     config: dict
     processes: int
     device: str
+    sharded: bool = False  # --fsdp: parameters, gradients and optimizer state split over the processes
     student_tokens: int = 0
     teacher_tokens: int = 0
     evals: list[dict] = field(default_factory=list)  # held-out bits per byte: {"step", "files": {path: bpb}, "all"}
+    # bytes of parameters, gradients and optimizer state the largest process holds (after the first step)
+    memory: dict = field(default_factory=dict)
     COUNTERS = ("student_tokens", "teacher_tokens")
 
     def restore(self, previous: dict, step: int) -> None:
         super().restore(previous, step)
         self.evals = list(previous.get("evals", []))
+        self.memory = dict(previous.get("memory", {}))
 
 
 def check_windows_fit(corpus: Corpus, side: Side, context: int | None, who: str) -> None:
@@ -201,6 +207,19 @@ def check_windows_fit(corpus: Corpus, side: Side, context: int | None, who: str)
         lengths = [len(ids) + 1 for ids in side.encode([corpus.text(w)[0] for w in chosen])]
         longest = max(lengths)
         check_context(longest, context, "--window", "a training window", who)
+
+
+def check_latents_match(student, teacher) -> None:
+    """``--latents`` compares hidden states layer by layer: both models need the same depth and width."""
+    def shape(config):
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return config.num_hidden_layers, config.hidden_size
+
+    if shape(student) != shape(teacher):
+        (s_layers, s_width), (t_layers, t_width) = shape(student), shape(teacher)
+        raise TokenbridgeError(f"--latents aligns hidden states layer by layer, but the student has {s_layers} layers "
+                               f"of width {s_width} and the teacher {t_layers} of width {t_width}; distil a "
+                               "different model without --latents")
 
 
 class HealModule(torch.nn.Module):
@@ -325,7 +344,7 @@ class HeldOut:
 def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teacher: Path | None = None,
          resume: bool = False, force: bool = False, progress: bool = True, checkpoint_every: int = 0,
          stop_after: int | None = None, allow_pickle: bool = False,
-         eval_texts: list[Path] = ()) -> tuple[Path, HealReport]:
+         eval_texts: list[Path] = (), fsdp: bool = False) -> tuple[Path, HealReport]:
     """Train ``student`` on ``texts`` as ``config`` says and write the healed model to ``out``.
 
     Every ``checkpoint_every`` steps (and at the end) the trained tensors and optimizer state go to
@@ -335,6 +354,7 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     ``eval_texts``: held-out files scored (bits per byte) before the first step, every
     ``config.eval_every`` steps and after the last; the curve goes into the report and into OUT as JSON
     and a plot.
+    ``fsdp``: shard the student, its gradients and optimizer state over the processes (:mod:`.shard`).
     """
     config = config.resolved()
     checks.number("checkpoint_every", checkpoint_every, low=0, integer=True)
@@ -350,13 +370,20 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     check_output(out, force, protected=protected)
     if config.needs("teacher") and teacher is None:
         raise TokenbridgeError(f"--mode {config.mode} needs --teacher (the original model)")
+    if fsdp:
+        _check_shardable(config)
     checkpoints, found = start_checkpoints(out, resume, force, protected)
 
     corpus = Corpus([Path(t) for t in texts], config.window, config.mix or None)
-    accelerator = make_accelerator(config.precision)
+    accelerator = make_accelerator(config.precision, fsdp=fsdp)
     device = accelerator.device
+    own_group = shard.ensure_process_group(accelerator) if fsdp else False
     torch.manual_seed(config.seed)
-    model, tokenizer = load_causal_lm(student_dir, allow_pickle=allow_pickle)
+    # sharded over several processes, only the main one reads the weights; the others build the model's
+    # shapes and receive their shards from it
+    empty = fsdp and not accelerator.is_main_process
+    model, tokenizer = (empty_causal_lm(student_dir) if empty else
+                        load_causal_lm(student_dir, allow_pickle=allow_pickle))
     student_side = Side(tokenizer, model.get_output_embeddings().weight.shape[0])
     check_windows_fit(corpus, student_side, context_length(model.config), "the student")
     teacher_model = teacher_side = None
@@ -366,6 +393,8 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
         teacher_model.to(device)
         teacher_side = Side(teacher_tokenizer, teacher_model.get_output_embeddings().weight.shape[0])
         check_windows_fit(corpus, teacher_side, context_length(teacher_model.config), "the teacher")
+        if config.latents > 0:
+            check_latents_match(model.config, teacher_model.config)
     resources = _resources(config, corpus, student_side, teacher_side, progress and accelerator.is_main_process)
     run = None  # hashing the models is needed only to write checkpoints or to check one
     if found or checkpoint_every > 0:
@@ -377,49 +406,91 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     model.train()
     extras = {name: OBJECTIVES[name].extra(model, teacher_model) for name, _ in config.terms()
               if OBJECTIVES[name].extra is not None}
-    module = HealModule(model, extras).to(device)
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    module = HealModule(model, extras)
+    if not empty:
+        module.to(device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # new rows and objectives' own modules start far from their optimum: the embedding learning rate
-    fast = {id(p) for p in embedding_parameters(base)} | {id(p) for p in module.extras.parameters()}
-    groups = [{"params": [p for p in trainable if id(p) in fast], "peak": config.embedding_lr},
-              {"params": [p for p in trainable if id(p) not in fast], "peak": config.lr}]
+    fast_ids = {id(p) for p in embedding_parameters(base)} | {id(p) for p in module.extras.parameters()}
+    fast = {name for name, p in module.named_parameters() if id(p) in fast_ids}
+    masks = None
+    if fsdp:  # sharding replaces every parameter by its shard: groups and masks go by name
+        if config.train == "new-rows":
+            masks = {f"student.{name}": mask for name, mask in row_masks(base, student_dir).items()}
+        whole = module.state_dict() if not empty else {}
+        shard.shard(module, device, shard.plugin_settings(accelerator))
+        shard.spread(module, whole, device)
+        del whole
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in fast], "peak": config.embedding_lr},
+              {"params": [p for n, p in trainable if n not in fast], "peak": config.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr,
                                   weight_decay=config.weight_decay, foreach=False)
     start = 0
     report = HealReport(str(student), str(teacher) if teacher else None, corpus.paths, asdict(config),
-                        accelerator.num_processes, str(device))
+                        accelerator.num_processes, str(device), sharded=fsdp)
     if found:
         state = load_checkpoint(found, module, optimizer, config, run, "heal")
         start = state["step"]
         report.restore(state["report"], start)
     held_out = HeldOut([Path(p) for p in eval_texts], config.window, tokenizer, report) if eval_texts else None
-    if held_out is not None and start == 0 and accelerator.is_main_process:
+    scores = accelerator.is_main_process or fsdp  # a sharded model runs on every process together
+    if held_out is not None and start == 0 and scores:
         held_out(0, model)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if not fsdp:
+        module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
     task = HealTask(corpus, config, student_side, teacher_side, teacher_model, unwrapped.extras, resources,
                     output_matrix(unwrapped), device)
 
-    def evaluate(step: int) -> None:
+    def after_step(step: int) -> None:
+        if not report.memory:
+            held = shard.held_bytes(module, optimizer)
+            if accelerator.num_processes > 1:
+                values = accelerator.gather(torch.tensor(list(held.values()), device=device))
+                held = dict(zip(held, values.view(accelerator.num_processes, -1).max(0).values.tolist()))
+            report.memory = held
         last = step == config.steps
-        if held_out is not None and accelerator.is_main_process and (
-                last or (config.eval_every and step % config.eval_every == 0)):
+        if held_out is not None and scores and (last or (config.eval_every and step % config.eval_every == 0)):
             held_out(step, accelerator.unwrap_model(module).student)
 
     finished = run_steps(accelerator, module, optimizer, config, task, report, start=start,
                          desc=f"heal ({config.mode}, {config.train})", kind="heal", checkpoints=checkpoints,
                          checkpoint_every=checkpoint_every, inputs=run, stop_after=stop_after, progress=progress,
-                         after_step=evaluate)
+                         after_step=after_step, row_masks=masks)
     if not finished:
+        shard.release_process_group(own_group)
         return checkpoints, report
 
     written = out
+    student_model = accelerator.unwrap_model(module).student
+    if fsdp:  # every process sends its shards; the main process writes an unsharded copy
+        student_model = _gathered(module, student_dir, config, allow_pickle, accelerator.is_main_process)
     if accelerator.is_main_process:
-        final = finished_model(accelerator.unwrap_model(module).student)
-        written = _write_model(final, tokenizer, student_dir, out, force, report)
+        written = _write_model(finished_model(student_model), tokenizer, student_dir, out, force, report)
     accelerator.wait_for_everyone()
+    shard.release_process_group(own_group)
     return written, report
+
+
+def _check_shardable(config: HealConfig) -> None:
+    for name, _ in config.terms():
+        if name in shard.UNSUPPORTED:
+            raise TokenbridgeError(f"--fsdp cannot run --mode {config.mode}: {shard.UNSUPPORTED[name]}")
+    if config.balance == "gradmag":
+        raise TokenbridgeError("--fsdp cannot run --balance gradmag (it takes each term's gradient apart)")
+
+
+def _gathered(module, student_dir: Path, config: HealConfig, allow_pickle: bool, is_main: bool):
+    """A sharded run's student, whole, on the main process (None elsewhere): a fresh copy of the student
+    with the same trainable structure (LoRA adapters included), loaded with the gathered tensors."""
+    state = shard.full_state(module)
+    if not is_main:
+        return None
+    fresh, _ = load_causal_lm(student_dir, allow_pickle=allow_pickle)
+    fresh = select_trainable(fresh, config.train, student_dir, LoraSettings(config.lora_rank, config.lora_alpha))
+    HealModule(fresh, {}).load_state_dict(state, strict=True)
+    return fresh
 
 
 def _resources(config: HealConfig, corpus: Corpus, student_side: Side, teacher_side: Side | None,

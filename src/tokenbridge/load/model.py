@@ -87,3 +87,17 @@ def load_causal_lm(path, allow_pickle: bool = False, dtype: torch.dtype = torch.
     if len(tokenizer) > rows:
         raise TokenbridgeError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the embeddings only {rows} rows")
     return model.eval(), tokenizer
+
+
+def empty_causal_lm(path):
+    """``(model, tokenizer)`` like :func:`load_causal_lm`, but the model is built from its config on the
+    meta device: its shapes without its weights (sharded training fills them in from another process)."""
+    from transformers import AutoModelForCausalLM
+
+    from .tokenizer import load_tokenizer
+
+    directory = resolve_source(Path(path))
+    config = load_config(directory)
+    with quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    return model.eval(), load_tokenizer(directory)

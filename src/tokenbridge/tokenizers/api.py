@@ -1,8 +1,9 @@
 """Train, extend and prune tokenizers into directories; each reports compression before and after.
 
-The CLI (``tokenbridge tokenizer train|extend|prune``) and ``tokenbridge transplant
---train-tokenizer`` call these functions.  Compression is measured with the tokstats instrument on
-the texts given, by the tokenizer as written to disk.
+The CLI (``tokenbridge tokenizer train|extend|prune|bytes``), ``tokenbridge transplant
+--train-tokenizer`` and ``tokenbridge transplant SOURCE bytes OUT`` call these functions.
+Compression is measured with the tokstats instrument on the texts given, by the tokenizer as written
+to disk (a byte tokenizer is given none: it has one token per byte).
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from ..errors import TokenbridgeError
 from ..load.tokenizer import load_tokenizer
 from ..measure.texts import check_text, read_text, text_blocks
 from ..write.output_dir import check_output, staged_output
+from .bytes import BYTE_TOKENS, byte_tokenizer_json, check_one_token_per_byte
 from .extend import extend_tokenizer
 from .files import save_tokenizer, tokenizer_json
 from .prune import prune_tokenizer
-from .style import default_style, roles_of, special_token, style_of
+from .style import default_style, kept_specials, roles_of, special_token, style_of
 from .train import TrainConfig, train_tokenizer
 
 REPORT_FILE = "tokenbridge-tokenizer.json"
+# What a byte tokenizer must encode one token per byte and decode back once written: every character
+# below U+0300 (controls, Latin-1, the lead bytes of two-byte sequences), spaces, CJK, emoji, astral.
+BYTE_PROBE = "".join(map(chr, range(1, 0x300))) + "  \n\n\t 東京 🚀 e\u0301 \U0010fffd "
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Compression:
 
 @dataclass
 class TokenizerReport:
-    command: str  # train | extend | prune
+    command: str  # train | extend | prune | bytes
     out: str
     source: str | None  # the --like / SOURCE tokenizer
     vocab_before: int | None
@@ -91,14 +96,17 @@ def _compression(before, after, names: list[str], files: list[Path]) -> list[Com
 
 def _publish(command: str, data: dict, out: Path, force: bool, roles: dict, chat_template: str | None,
              source, source_name: str | None, names: list[str], files: list[Path], details: dict,
-             started: float) -> TokenizerReport:
+             started: float, verify=None) -> TokenizerReport:
+    """Write the tokenizer and its report to ``out`` (staged); ``verify(written)`` may refuse it first."""
     report = TokenizerReport(command, str(out), source_name, len(source) if source is not None else None, 0,
                              details)
     with staged_output(out, force) as tmp:
         save_tokenizer(data, tmp, roles, chat_template)
         written = load_tokenizer(tmp)
+        if verify is not None:
+            verify(written)
         report.vocab_after = len(written)
-        report.compression = _compression(source, written, names, files)
+        report.compression = _compression(source, written, names, files) if files else []
         report.seconds = round(time.perf_counter() - started, 3)
         (tmp / REPORT_FILE).write_text(json.dumps(report.summary(timings=False), indent=2, ensure_ascii=False)
                                        + "\n")
@@ -156,12 +164,42 @@ def prune(source_path: Path, text_paths: list[Path], out: Path, keep: int, force
                     str(source_path), names, files, details, started)
 
 
+def byte_tokenizer(like: Path, out: Path, force: bool = False) -> TokenizerReport:
+    """Write a byte tokenizer like ``like``'s to ``out``: the 256 bytes as ids 0..255, then its special tokens.
+
+    The special tokens (placeholders like ``<unused17>`` left out), roles (bos, eos, pad, unk...),
+    post-processor (a BOS it adds, with the new id) and chat template are ``like``'s.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force, protected=[Path(like)])
+    source = load_tokenizer(Path(like))
+    roles = roles_of(source)
+    backend = source.backend_tokenizer
+    added = [{"content": token.content, "special": token.special}
+             for _, token in sorted(backend.get_added_tokens_decoder().items())]
+    specials = [record["content"] for record in kept_specials(added, roles)]
+    post_processor = json.loads(backend.post_processor.__getstate__()) if backend.post_processor else None
+    data = byte_tokenizer_json(specials, post_processor)
+    template = source.chat_template if isinstance(getattr(source, "chat_template", None), str) else None
+    details = {"like": str(like), "byte_tokens": BYTE_TOKENS, "special_tokens": specials, "roles": roles,
+               "chat_template": template is not None}
+    return _publish("bytes", data, out, force, roles, template, source, str(like), [], [], details, started,
+                    verify=lambda written: check_one_token_per_byte(written, BYTE_PROBE))
+
+
 def format_report(report: TokenizerReport) -> str:
     from ..measure.tokstats import render_table
 
     lines = [f"wrote {report.out}: {report.command}, "
              + (f"{report.vocab_before} -> " if report.vocab_before is not None else "")
              + f"{report.vocab_after} tokens, {report.seconds:.1f} s"]
+    if report.command == "bytes":
+        specials = report.details["special_tokens"]
+        lines.append(f"  {report.details['byte_tokens']} byte tokens (ids 0-255, one per byte) and "
+                     f"{len(specials)} special tokens: {' '.join(specials)}")
+    if not report.compression:
+        return "\n".join(lines)
     headers = ["text", "bytes", "bytes/token before", "bytes/token after", "change"]
     rows = [[c.text, c.bytes, c.before, c.after,
              f"{(c.after / c.before - 1) * 100:+.1f}%" if c.before else None] for c in report.compression]

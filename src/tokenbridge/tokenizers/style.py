@@ -118,6 +118,25 @@ def roles_of(tokenizer) -> dict[str, str]:
     return {role: str(getattr(tokenizer, role)) for role in ROLES if getattr(tokenizer, role, None)}
 
 
+def kept_specials(added_tokens: list[dict], roles: dict[str, str]) -> list[dict]:
+    """The special tokens a replacement tokenizer keeps, as added-token records without ids, in order.
+
+    Every special added token but placeholders like ``<unused17>``, with its flags; then the content of
+    any role (``roles``: ``bos_token`` -> content) that is not among them.  Each content once.
+    """
+    specials, contents = [], set()
+    for record in added_tokens:
+        if record.get("special") and not PLACEHOLDER.fullmatch(record["content"]) \
+                and record["content"] not in contents:
+            specials.append({k: v for k, v in record.items() if k != "id"} | {"special": True})
+            contents.add(record["content"])
+    for content in roles.values():
+        if content not in contents:
+            specials.append(special_token(content))
+            contents.add(content)
+    return specials
+
+
 def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
     """The conventions of a loaded (fast) tokenizer, for a replacement that is a drop-in for it.
 
@@ -156,19 +175,11 @@ def style_of(tokenizer, name: str, byte_fallback: bool | None = None) -> Style:
             f"{name}: neither byte-level nor metaspace (▁); a {model['type']} tokenizer's conventions cannot "
             "be copied into one that encodes every byte")
     roles = roles_of(tokenizer)
-    specials = [dict(a, special=True) for a in data.get("added_tokens", [])
-                if a.get("special") and not PLACEHOLDER.fullmatch(a["content"])]
-    contents = {a["content"] for a in specials}
-    for content in roles.values():
-        if content not in contents:
-            specials.append(special_token(content))
-            contents.add(content)
+    specials = kept_specials(data.get("added_tokens", []), roles)
     if kind == METASPACE and "unk_token" not in roles:
         roles["unk_token"] = "<unk>"
-        if "<unk>" not in contents:
+        if "<unk>" not in {a["content"] for a in specials}:
             specials.append(special_token("<unk>"))
-    for record in specials:
-        record.pop("id", None)
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
     return Style(kind, normalizer, pre_tokenizer, decoder, copy.deepcopy(data.get("post_processor")),
                  specials, roles, template, like=name)
