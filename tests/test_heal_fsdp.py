@@ -29,7 +29,8 @@ def pair(models_dir, tmp_path_factory):
                             progress=False)
     text = root / "train.txt"
     text.write_text(corpus("en", 30000, 6000), encoding="utf-8")
-    return {"teacher": models_dir["qwen2"], "student": student, "text": text}
+    tied, _ = transplant(models_dir["llama"], models_dir["gemma3"], root / "tied", method="subword", progress=False)
+    return {"teacher": models_dir["qwen2"], "student": student, "text": text, "tied": tied}
 
 
 def _common(pair, mode: str, train: str, steps: int = 3) -> list[str]:
@@ -84,6 +85,25 @@ def test_two_sharded_processes_match_one(pair, tmp_path, mode, train, port):
 
     model = AutoModelForCausalLM.from_pretrained(str(double))  # a normal model directory
     assert model.get_input_embeddings().weight.shape[0] == a["model.embed_tokens.weight"].shape[0]
+
+
+def test_tied_embeddings_stay_one_matrix_under_fsdp(pair, tmp_path):
+    """A tied student (Llama): the sharded run trains one matrix, as the unsharded one does, and writes it tied."""
+    tied = dict(pair, student=pair["tied"])
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert main(["heal", *_common(tied, "sft", "all"), "--out", str(single), "--batch-size", "2",
+                 "--checkpoint-every", "0"]) == 0
+    run = _launch(2, 29567, [*_common(tied, "sft", "all"), "--out", str(double), "--batch-size", "1",
+                             "--checkpoint-every", "0", "--fsdp"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = read_tensors(single), read_tensors(double)
+    assert a.keys() == b.keys() and "lm_head.weight" not in b
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(double))
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def test_a_stopped_sharded_run_resumes_exactly(pair, tmp_path):

@@ -482,14 +482,17 @@ def _check_shardable(config: HealConfig) -> None:
 
 
 def _gathered(module, student_dir: Path, config: HealConfig, allow_pickle: bool, is_main: bool):
-    """A sharded run's student, whole, on the main process (None elsewhere): a fresh copy of the student
-    with the same trainable structure (LoRA adapters included), loaded with the gathered tensors."""
+    """A sharded run's student, whole, on the main process (None elsewhere): the student's shapes with the
+    same trainable structure (LoRA adapters included), built on the meta device and given the gathered
+    tensors themselves, so the main process holds the model once."""
     state = shard.full_state(module)
     if not is_main:
         return None
-    fresh, _ = load_causal_lm(student_dir, allow_pickle=allow_pickle)
+    fresh, _ = empty_causal_lm(student_dir)
     fresh = select_trainable(fresh, config.train, student_dir, LoraSettings(config.lora_rank, config.lora_alpha))
-    HealModule(fresh, {}).load_state_dict(state, strict=True)
+    HealModule(fresh, {}).load_state_dict(state, strict=True, assign=True)
+    base = fresh.get_base_model() if hasattr(fresh, "get_base_model") else fresh
+    base.tie_weights()  # assigning gave tied matrices one tensor each: tie them again (as the config says)
     return fresh
 
 
