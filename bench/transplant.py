@@ -237,7 +237,7 @@ def method_resources(pair: Pair, dirs: dict, workdir: Path, hypernet: Path | Non
         options["focus"] = {"corpus": str(mixed)}
         options["transtok"] = {"parallel_source": str(mixed), "parallel_target": str(mixed)}
     else:  # pair 3: English model onto a German tokenizer
-        from tokenbridge.init.word_align import parallel_from_documents
+        from tokenbridge.init.parallel_corpus import parallel_from_documents
 
         from tokenbridge.init.static_vectors import train_vectors, write_vectors
 

@@ -125,7 +125,7 @@ def test_vectors_command(tmp_path, capsys):
     text.write_text(corpus("de", 0, 20000), encoding="utf-8")
     out = tmp_path / "de.vec"
     code, printed, _ = run(capsys, "vectors", "--text", text, "--out", out, "--dim", "16", "--epochs", "1",
-                           "--min-count", "3", "--quiet")
+                           "--min-count", "3", "--quiet", "--buckets", "1000")
     assert code == 0, printed
     vectors = read_vectors(out)
     counts = Counter(w for line in split_words(text.read_text(encoding="utf-8")) for w in line)
@@ -134,6 +134,16 @@ def test_vectors_command(tmp_path, capsys):
     code, _, err = run(capsys, "vectors", "--text", text, "--out", out)
     assert code == 2 and "--force" in err
     gz = tmp_path / "de.vec.gz"
-    assert run(capsys, "vectors", "--text", text, "--out", gz, "--dim", "4", "--epochs", "1", "--quiet")[0] == 0
+    assert run(capsys, "vectors", "--text", text, "--out", gz, "--dim", "4", "--epochs", "1", "--quiet",
+               "--buckets", "1000")[0] == 0
     assert gz.read_bytes()[:2] == b"\x1f\x8b" and read_vectors(gz).vectors.shape[1] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["de.txt", "de.vec", "de.vec.gz"]
+    model = tmp_path / "de.bin"  # a fastText model: counts and character n-grams
+    assert run(capsys, "vectors", "--text", text, "--out", model, "--dim", "4", "--epochs", "1", "--quiet",
+               "--min-count", "3", "--buckets", "1000", "--cbow")[0] == 0
+    binary = read_vectors(model)
+    assert sorted(binary.words) == sorted(vectors.words) and binary.counts == [counts[w] for w in binary.words]
+    assert binary.lookup(["Konfigurationsdateienx"])[2].all()  # an unseen word: its n-gram vector
+    code, _, err = run(capsys, "vectors", "--text", text, "--out", tmp_path / "x.vec", "--min-n", "5", "--max-n",
+                       "3", "--quiet")
+    assert code == 2 and "n-grams" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["de.bin", "de.txt", "de.vec", "de.vec.gz"]

@@ -1,4 +1,4 @@
-"""``focus`` (FOCUS): sparsemax weights in auxiliary space, checked against a direct computation."""
+"""``focus`` (FOCUS): sparsemax weights over fastText token vectors, checked against a direct computation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tokenbridge.errors import TokenbridgeError
 from tokenbridge.init.focus import focus_weights
 
 EMBED = "model.embed_tokens.weight"
-OPTIONS = {"dim": "16", "epochs": "3", "min_count": "3", "window": "3"}
+OPTIONS = {"dim": "16", "epochs": "3", "min_count": "3", "window": "3", "buckets": "5000"}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,25 +66,35 @@ def test_transplant_rows_are_the_direct_combination(models_dir, tok_dirs, corpus
     for t, s in report.copied:
         assert torch.equal(dst[t], src[s])
 
-    # the auxiliary vectors, trained directly on the same sequences with the same seed
+    # the auxiliary fastText vectors, trained directly on the same token strings with the same seed
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     lines = [line for line in corpus_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    sequences = [[str(i) for i in tokenizer(line, add_special_tokens=False)["input_ids"]] for line in lines]
-    vectors = train_vectors(sequences, dim=16, window=3, epochs=3, min_count=3, seed=3)
-    aux = {int(w): np.asarray(vectors.vectors[r], dtype=np.float64) for r, w in enumerate(vectors.words)}
-    overlap = [(t, s) for t, s in report.copied if t in aux and np.any(aux[t])]
-    A = np.stack([aux[t] for t, _ in overlap])
+    sequences = [tokenizer.convert_ids_to_tokens(tokenizer(line, add_special_tokens=False)["input_ids"])
+                 for line in lines]
+    vectors = train_vectors(sequences, dim=16, window=3, negatives=10, epochs=3, min_count=3, seed=3,
+                            skipgram=False, buckets=5000)
+    own = vectors.index()
+    seen = {token for sequence in sequences for token in sequence}
+
+    def aux(target_id):
+        """(vector, from n-grams) of a target token."""
+        rows, found, from_ngrams = vectors.lookup([tokenizer.convert_ids_to_tokens(target_id)])
+        assert found[0]
+        return rows[0].double().numpy(), bool(from_ngrams[0])
+
+    overlap = [(t, s) for t, s in report.copied if tokenizer.convert_ids_to_tokens(t) in own]
+    A = np.stack([aux(t)[0] for t, _ in overlap])
     S = src.double().numpy()
 
     rows = json.loads((out / "tokenbridge.json").read_text())["initialised"]["input"]
-    placed = [r for r in rows if r["how"] == "focus"]
-    assert placed and len(rows) == report.counts["initialised"]
-    assert {r["target_id"] for r in placed} == {r["target_id"] for r in rows if r["target_id"] in aux}
+    assert len(rows) == report.counts["initialised"]
+    assert {r["how"] for r in rows} == {"focus", "focus:ngrams"}  # every new token has a fastText vector
+    unseen = [r for r in rows if tokenizer.convert_ids_to_tokens(r["target_id"]) not in seen]
+    assert unseen and all(r["how"] == "focus:ngrams" for r in unseen)  # absent from the corpus: n-grams
     for row in rows:
-        if row["how"] != "focus":
-            assert row["how"] == "focus:fallback:subword" and row["target_id"] not in aux
-            continue
-        w = sparsemax_by_support_size(cosine(aux[row["target_id"]][None], A)[0])
+        vector, from_ngrams = aux(row["target_id"])
+        assert from_ngrams == (row["how"] == "focus:ngrams")
+        w = sparsemax_by_support_size(cosine(vector[None], A)[0])
         support = np.flatnonzero(w > 1e-7)
         got = dict(zip(row["source_ids"], row["weights"]))
         assert sorted(got) == sorted(overlap[i][1] for i in support)
@@ -100,6 +110,14 @@ def test_transplant_rows_are_the_direct_combination(models_dir, tok_dirs, corpus
     assert (out / "tokenbridge.json").read_bytes() == (again / "tokenbridge.json").read_bytes()
 
 
+def test_without_ngrams_unseen_tokens_fall_back(models_dir, tok_dirs, corpus_file, tmp_path):
+    source, target = models_dir["llama"], tok_dirs["byte_level_de"]
+    options = {"corpus": str(corpus_file), **OPTIONS, "max_n": "0"}
+    out, _ = transplant(source, target, tmp_path / "out", method="focus", options=options, seed=3, progress=False)
+    rows = json.loads((out / "tokenbridge.json").read_text())["initialised"]["input"]
+    assert {r["how"] for r in rows} == {"focus", "focus:fallback:subword"}
+
+
 def test_errors(models_dir, tok_dirs, corpus_file, tmp_path):
     source, target = models_dir["llama"], tok_dirs["byte_level_de"]
     with pytest.raises(TokenbridgeError, match="corpus"):
@@ -113,3 +131,6 @@ def test_errors(models_dir, tok_dirs, corpus_file, tmp_path):
     with pytest.raises(TokenbridgeError, match="dim"):
         transplant(source, target, tmp_path / "d", method="focus", options={"corpus": str(corpus_file), "dim": "0"},
                    progress=False)
+    with pytest.raises(TokenbridgeError, match="max_n"):
+        transplant(source, target, tmp_path / "e", method="focus",
+                   options={"corpus": str(corpus_file), "min_n": "4", "max_n": "2"}, progress=False)

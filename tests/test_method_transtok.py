@@ -1,4 +1,5 @@
-"""``transtok`` (Trans-Tokenization) and its aligner, each checked against an independent reference."""
+"""``transtok`` (Trans-Tokenization): eflomal word links spread over tokens, checked against independent
+computations (the reference's spreading, brute-force symmetrisation and paragraph alignment)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import random
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 import torch
 from conftest import corpus, load_lm, read_tensors
@@ -20,78 +22,89 @@ from tokenbridge.align.vocab import align
 from tokenbridge.errors import TokenbridgeError
 from tokenbridge.init import transtok
 from tokenbridge.init.registry import METHODS, TransplantContext, make_config
-from tokenbridge.init.word_align import (
+from tokenbridge.init.parallel_corpus import (
     BEAD_PRIORS,
-    NULL,
-    align_corpus,
     align_paragraphs,
     anchors,
     bead_cost,
-    count_links,
     parallel_from_documents,
-    symmetrize,
     table_rows,
-    translation_table,
     unmatched_anchors,
-    viterbi,
 )
+from tokenbridge.init.static_vectors import split_words
+from tokenbridge.init.symmetrize import symmetrize
 
-TINY = [([0, 1], [10, 11]), ([0, 2], [10, 12]), ([1, 2, 3], [11, 12, 13]), ([3, 0], [13, 10, 14]),
-        ([2, 2, 1], [12, 11])]
-
-
-def loop_em(pairs, model1_iterations, iterations, p_null=0.08, tension=4.0):
-    """Textbook EM, one cell at a time: Model 1, then fast_align's diagonal prior with Z summed directly."""
-    t: dict = {}
-    for iteration in range(model1_iterations + iterations):
-        diagonal = iteration >= model1_iterations
-        counts: dict = defaultdict(float)
-        for src, tgt in pairs:
-            n, m = len(src), len(tgt)
-            for j, f in enumerate(tgt, 1):
-                if diagonal:
-                    z = sum(math.exp(-tension * abs(i / n - j / m)) for i in range(1, n + 1))
-                    prior = [p_null] + [(1 - p_null) * math.exp(-tension * abs(i / n - j / m)) / z
-                                        for i in range(1, n + 1)]
-                else:
-                    prior = [1.0 / (n + 1)] * (n + 1)
-                words = [NULL] + list(src)
-                scores = [t.get((e, f), 1.0) * prior[i] for i, e in enumerate(words)]
-                total = sum(scores)
-                for e, score in zip(words, scores):
-                    counts[(e, f)] += score / total
-        totals: dict = defaultdict(float)
-        for (e, _), c in counts.items():
-            totals[e] += c
-        t = {(e, f): c / totals[e] for (e, f), c in counts.items()}
-    return t
+def reference_spread(source_word, target_word, count):
+    """The reference's ``add_word_pair`` (LAGoM-NLP/transtokenizer), written out with numpy's tile/repeat,
+    with exact shares instead of its integer ones: {(target token, source token): count}."""
+    out: dict = defaultdict(float)
+    if len(source_word) == 1 and len(target_word) == 1:
+        out[(target_word[0], source_word[0])] += count
+        return out
+    half = count / 2
+    old = np.tile(source_word, len(target_word))  # all to all
+    new = np.repeat(target_word, len(source_word))
+    for o, n in zip(old.tolist(), new.tolist()):
+        out[(n, o)] += half / len(source_word)
+    g = math.gcd(len(source_word), len(target_word))  # positional, stretched to a common length
+    old = np.repeat(source_word, len(target_word) // g)
+    new = np.repeat(target_word, len(source_word) // g)
+    for o, n in zip(old.tolist(), new.tolist()):
+        out[(n, o)] += half / (len(source_word) // g)
+    return out
 
 
-@pytest.mark.parametrize("iterations", [1, 2, 4])
-def test_model1_matches_loop_em(iterations):
-    src, tgt = [p[0] for p in TINY], [p[1] for p in TINY]
-    got = translation_table(src, tgt, model1_iterations=iterations, iterations=0).to_dict()
-    want = loop_em(TINY, iterations, 0)
+@pytest.mark.parametrize("source_word, target_word", [((1,), (7,)), ((1, 2), (7,)), ((1,), (7, 8, 9)),
+                                                       ((1, 2), (7, 8, 9)), ((1, 2, 3, 4), (7, 8)),
+                                                       ((5, 5, 6), (7, 7))])
+def test_spread_word_link_is_the_references(source_word, target_word):
+    links: dict = {}
+    transtok.spread_word_link(source_word, target_word, 6.0, links)
+    got = {(t, s): w for t, row in links.items() for s, w in row.items()}
+    want = reference_spread(source_word, target_word, 6.0)
     assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert all(got[k] == pytest.approx(want[k]) for k in want)
+    for t in set(target_word):  # each target token of the word gets the whole count, per occurrence
+        assert sum(links[t].values()) == pytest.approx(6.0 * target_word.count(t))
 
 
-def test_diagonal_em_and_viterbi_match_loops():
-    src, tgt = [p[0] for p in TINY], [p[1] for p in TINY]
-    got = translation_table(src, tgt, model1_iterations=2, iterations=3, p_null=0.1, tension=3.0).to_dict()
-    want = loop_em(TINY, 2, 3, p_null=0.1, tension=3.0)
-    assert got.keys() == want.keys()
-    assert max(abs(got[k] - want[k]) for k in want) < 1e-6
-    # Viterbi: the argmax of t(f|e) * prior over NULL and every source position (first on ties)
-    links = viterbi(src, tgt, model1_iterations=2, iterations=3, p_null=0.1, tension=3.0)
-    for (s, t), found in zip(TINY, links):
-        n, m = len(s), len(t)
-        for j, f in enumerate(t, 1):
-            z = sum(math.exp(-3.0 * abs(i / n - j / m)) for i in range(1, n + 1))
-            scores = [want[(NULL, f)] * 0.1] + [want[(e, f)] * 0.9 * math.exp(-3.0 * abs(i / n - j / m)) / z
-                                                 for i, e in enumerate(s, 1)]
-            assert found[j - 1] == scores.index(max(scores)) - 1
+def test_link_weights_normalise_and_rank():
+    links = {5: {1: 3.0, 2: 1.0, 3: 3.0}, 6: {4: 2.5}}
+    assert transtok.link_weights(links) == {5: ([1, 3, 2], [3 / 7, 3 / 7, 1 / 7]), 6: ([4], [1.0])}
+    assert transtok.link_weights(links, max_sources=1) == {5: ([1], [1.0]), 6: ([4], [1.0])}
+
+
+def test_line_words_group_tokens_into_words(tok_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dirs["byte_level_de"]))
+    lines = ["Die Konfigurationsdatei /etc/apt/sources.list wird gelesen.", "  Größe: 1.2 GB, don't panic!"]
+    words = transtok.line_words(tokenizer, lines, len(tokenizer), set())
+    for line, groups in zip(lines, words):
+        assert [tokenizer.decode(list(g)).strip() for g in groups] == split_words(line)[0]
+    special = tokenizer("Die", add_special_tokens=False)["input_ids"][0]
+    assert all(special not in g for g in transtok.line_words(tokenizer, lines[:1], len(tokenizer), {special})[0])
+
+
+def test_eflomal_links_a_word_cipher():
+    """Target = a fixed word substitution of the source, adjacent words swapped now and then: eflomal's
+    symmetrised links find the substitution."""
+    rng = random.Random(0)
+    cipher = {w: 100 + (7 * w) % 23 for w in range(23)}
+    source, target = [], []
+    for _ in range(300):
+        words = [rng.randrange(23) for _ in range(rng.randint(3, 8))]
+        order = list(range(len(words)))
+        if rng.random() < 0.5:
+            k = rng.randrange(len(words) - 1)
+            order[k], order[k + 1] = order[k + 1], order[k]
+        source.append([(w,) for w in words])
+        target.append([(cipher[words[i]],) for i in order])
+    alignments = transtok.align_words(source, target, transtok.TransTokConfig())
+    counts = transtok.word_link_counts(source, target, alignments)
+    best = {}
+    for (s, t), c in counts.items():
+        if c > best.get(t, (None, 0))[1]:
+            best[t] = (s, c)
+    assert {t[0]: s[0] for t, (s, _) in best.items()} == {code: word for word, code in cipher.items()}
 
 
 def test_symmetrize_heuristics_by_hand():
@@ -105,31 +118,6 @@ def test_symmetrize_heuristics_by_hand():
     assert symmetrize({(0, 0), (0, 2)}, {(0, 0)}, "grow-diag-final") == {(0, 0), (0, 2)}
     assert symmetrize({(0, 0), (0, 2)}, {(0, 0)}, "grow-diag-final-and") == {(0, 0)}
     assert symmetrize({(0, 0), (3, 3)}, {(0, 0)}, "grow-diag-final-and") == {(0, 0), (3, 3)}
-
-
-def test_cipher_corpus_recovers_the_known_links():
-    """Target = a fixed word substitution of the source, with adjacent words swapped now and then."""
-    rng = random.Random(0)
-    cipher = {w: 100 + (7 * w) % 23 for w in range(23)}
-    source, target, truth = [], [], []
-    for _ in range(150):
-        words = [rng.randrange(23) for _ in range(rng.randint(3, 8))]
-        order = list(range(len(words)))
-        if rng.random() < 0.5:
-            k = rng.randrange(len(words) - 1)
-            order[k], order[k + 1] = order[k + 1], order[k]
-        source.append(words)
-        target.append([cipher[words[i]] for i in order])
-        truth.append(sorted((i, j) for j, i in enumerate(order)))
-    found = align_corpus(source, target, iterations=5, model1_iterations=5)
-    wrong = [k for k in range(len(truth)) if found[k] != truth[k]]
-    # a sentence with a repeated word may link either copy; every other sentence is exact
-    assert all(len(set(source[k])) < len(source[k]) for k in wrong)
-    assert len(wrong) < 0.3 * len(truth)
-    counts = count_links(source, target, found).by_target()
-    for word, code in cipher.items():
-        if code in counts:
-            assert counts[code][0][0] == word  # the most linked source token is the plain word
 
 
 def _context(source_dir, target_dir) -> TransplantContext:
@@ -152,29 +140,45 @@ def parallel_files(tmp_path_factory):
     return root / "en.txt", root / "de.txt"
 
 
-def test_weights_are_normalised_link_counts(tok_dirs, parallel_files):
+def test_weights_are_the_spread_word_links(tok_dirs, parallel_files, monkeypatch):
+    """Given eflomal's word links (recorded), the weights are recomputed here: words made of the tokens, link
+    counts per word pair (>= min_count), spread as the reference does, normalised per target token."""
     context = _context(tok_dirs["byte_level"], tok_dirs["byte_level_de"])
     en, de = parallel_files
     config = make_config(METHODS["transtok"], {"parallel_source": str(en), "parallel_target": str(de),
                                                "min_count": "2", "smooth": "false"})
+    recorded = {}
+    align_words = transtok.align_words
+
+    def record(source, target, config, seed=0):
+        recorded["links"] = align_words(source, target, config, seed)
+        recorded["source"], recorded["target"] = source, target
+        return recorded["links"]
+
+    monkeypatch.setattr(transtok, "align_words", record)
     combination = transtok.prepare_transtok(context, config)
-    # the same corpus, tokenized and counted here link by link
-    src_lines = en.read_text(encoding="utf-8").splitlines()
-    tgt_lines = de.read_text(encoding="utf-8").splitlines()
-    src = [context.source_tokenizer(x, add_special_tokens=False)["input_ids"] for x in src_lines]
-    tgt = [context.target_tokenizer(x, add_special_tokens=False)["input_ids"] for x in tgt_lines]
-    links = align_corpus(src, tgt, iterations=5, model1_iterations=5, heuristic="grow-diag-final")
-    tally: dict = defaultdict(Counter)
-    for s, t, pairs in zip(src, tgt, links):
-        for i, j in pairs:
-            tally[t[j]][s[i]] += 1
+    # the words, from the text: every word of split_words is one word given to eflomal, in order
+    src_lines = [x for x in en.read_text(encoding="utf-8").splitlines()]
+    tgt_lines = [x for x in de.read_text(encoding="utf-8").splitlines()]
+    kept = [(s, t) for s, t in zip(src_lines, tgt_lines) if s.strip() and t.strip() and split_words(s)
+            and split_words(t)]
+    assert [len(w) for w in recorded["source"]] == [len(split_words(s)[0]) for s, _ in kept]
+    assert [len(w) for w in recorded["target"]] == [len(split_words(t)[0]) for _, t in kept]
+    word_counts: Counter = Counter()
+    for src, tgt, links in zip(recorded["source"], recorded["target"], recorded["links"]):
+        for i, j in links:
+            word_counts[(src[i], tgt[j])] += 1
+    tally: dict = defaultdict(lambda: defaultdict(float))
+    for (s, t), c in word_counts.items():
+        if c >= 2:
+            for (tt, ss), w in reference_spread(s, t, c).items():
+                tally[tt][ss] += w
     new_ids = {info.id for info in context.new_tokens}
     expected = {}
     for target_id, sources in tally.items():
-        kept = {s: c for s, c in sources.items() if c >= 2}
-        if target_id in new_ids and kept:
-            total = sum(kept.values())
-            expected[target_id] = {s: c / total for s, c in kept.items()}
+        if target_id in new_ids:
+            total = sum(sources.values())
+            expected[target_id] = {s: c / total for s, c in sources.items()}
     assert expected and set(combination.ids) == set(expected)
     for target_id, want in expected.items():
         got = dict(zip(combination.ids[target_id], combination.weights[target_id]))
@@ -261,11 +265,17 @@ def test_resource_errors_name_the_files(models_dir, tok_dirs, tmp_path):
     with pytest.raises(TokenbridgeError, match="symmetrize"):
         transplant(source, target, tmp_path / "o4", method="transtok", progress=False,
                    options={"parallel_source": str(en), "parallel_target": str(en), "symmetrize": "diag"})
+    with pytest.raises(TokenbridgeError, match="eflomal_model"):
+        transplant(source, target, tmp_path / "o5", method="transtok", progress=False,
+                   options={"parallel_source": str(en), "parallel_target": str(en), "eflomal_model": "4"})
 
 
-def test_empty_sides_get_no_links():
-    links = align_corpus([[1, 2], [], [3]], [[5, 6], [7], []])
-    assert links[1] == [] and links[2] == [] and sorted(j for _, j in links[0]) == [0, 1]
+def test_eflomal_missing_names_the_compiler(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "eflomal", None)  # import eflomal -> ImportError
+    with pytest.raises(TokenbridgeError, match="C compiler"):
+        transtok.eflomal_aligner()
 
 
 def _path_cost(beads, source, target, ratio, weight):
@@ -334,3 +344,23 @@ def test_parallel_from_documents_pairs_translations():
     assert 1.0 < ratios[len(ratios) // 2] < 1.35  # German runs longer than English
     for s, t in itertools.islice(zip(source, target), 0, 200, 40):
         assert s.strip() and t.strip()
+
+
+def test_eflomal_is_seeded(parallel_files, tok_dirs):
+    """eflomal draws its sampler state from /dev/urandom; tokenbridge's seed makes its links repeatable, and
+    another seed gives other samples (so the seed really reaches it)."""
+    from tokenbridge.load.tokenizer import load_tokenizer
+
+    en, de = parallel_files
+    source_lines = en.read_text(encoding="utf-8").splitlines()
+    target_lines = de.read_text(encoding="utf-8").splitlines()
+    config = transtok.TransTokConfig(parallel_source=str(en), parallel_target=str(de))
+    src_tok, tgt_tok = load_tokenizer(tok_dirs["byte_level"]), load_tokenizer(tok_dirs["byte_level_de"])
+    source = transtok.line_words(src_tok, source_lines, len(src_tok), set())
+    target = transtok.line_words(tgt_tok, target_lines, len(tgt_tok), set())
+    pairs = [(s, t) for s, t in zip(source, target) if s and t]
+    source, target = [s for s, _ in pairs], [t for _, t in pairs]
+    first = transtok.align_words(source, target, config, seed=7)
+    assert transtok.align_words(source, target, config, seed=7) == first
+    others = [transtok.align_words(source, target, config, seed=s) for s in (8, 9)]
+    assert any(other != first for other in others)

@@ -95,7 +95,8 @@ def cmd_transplant(args) -> int:
     from .tokenizers.api import byte_tokenizer, train
     from .write.output_dir import check_output, publish_path, sweep_orphans, temp_dir
 
-    check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer or [])])
+    check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer or [])],
+                 file=out.suffix == ".gguf")
     if byte_target and os.path.lexists("bytes") and not args.quiet:
         print("tokenbridge: note: TARGET bytes is the built-in byte tokenizer; write ./bytes for the path",
               file=sys.stderr)
@@ -124,19 +125,45 @@ def _transplant_and_print(args, source, target, out, extra: dict | None = None) 
     out, report = transplant(
         source, target, out, method=args.method, options=_options(args.option),
         seed=args.seed, force=args.force, allow_pickle=args.allow_pickle, progress=not args.quiet,
+        gguf_type=args.gguf_type,
     )
     if args.json:
         print(json.dumps({"out": str(out), **report.summary(), **(extra or {})}, indent=2, ensure_ascii=False))
+    elif report.gguf is not None:
+        _print_transplant(report, out)
+        _print_gguf_out(report.gguf)
+        print(f"  {report.seconds:.1f} s, peak memory {report.peak_rss_mb:.0f} MB; provenance in {out} "
+              "(tokenbridge.provenance)")
     else:
-        counts = report.counts
-        print(f"wrote {out}")
-        print(f"  {report.model_type}, {report.source_vocab_size} -> {report.target_vocab_size} tokens, "
-              f"method {report.method}, seed {report.seed}, {'tied' if report.tied else 'untied'} embeddings")
-        print(f"  copied {counts['copied']} rows by bytes and {counts['copied_special']} special tokens; "
-              f"initialised {counts['initialised']} ({counts['fallback']} by fallback); "
-              f"{counts['unmatched_special']} special tokens had no source counterpart")
+        _print_transplant(report, out)
         print(f"  {report.seconds:.1f} s, peak memory {report.peak_rss_mb:.0f} MB; provenance in {out}/tokenbridge.json")
     return 0
+
+
+def _print_transplant(report, out) -> None:
+    counts = report.counts
+    print(f"wrote {out}")
+    print(f"  {report.model_type}, {report.source_vocab_size} -> {report.target_vocab_size} tokens, "
+          f"method {report.method}, seed {report.seed}, {'tied' if report.tied else 'untied'} embeddings")
+    print(f"  copied {counts['copied']} rows by bytes and {counts['copied_special']} special tokens; "
+          f"initialised {counts['initialised']} ({counts['fallback']} by fallback); "
+          f"{counts['unmatched_special']} special tokens had no source counterpart")
+
+
+def _print_gguf_out(gguf: dict) -> None:
+    """What a .gguf OUT says about its types and its tokenizer (a GGUF source's, or an export's)."""
+    for name, how in (gguf.get("tensors") or {}).items():
+        print(f"  {name}: {how}")
+    if "tensor_types" in gguf:  # an export of the directory transplant
+        print(f"  weights {gguf['type']}: " + ", ".join(f"{n} {k}" for k, n in gguf["tensor_types"].items()))
+    tokenizer = gguf.get("tokenizer") or {}
+    source = f"copied from {tokenizer['copied_from']}" if tokenizer.get("copied_from") else f"pre {tokenizer.get('pre')}"
+    print(f"  tokenizer {tokenizer.get('model')} ({source}), {tokenizer.get('tokens')} tokens")
+    for check in tokenizer.get("checks") or []:
+        print(f"  {check['reader']}: " + ("check text identical" if check["identical"]
+                                          else f"differs {check['first_difference']}"))
+    for note in list(gguf.get("notes") or []) + list(tokenizer.get("notes") or []):
+        print(f"  note: {note}")
 
 
 def _print_tokenizer_report(report, as_json: bool) -> None:
@@ -197,6 +224,17 @@ def cmd_tokenizer_bytes(args) -> int:
 
     report = byte_tokenizer(resolve(args.like), Path(args.out), force=args.force)
     _print_tokenizer_report(report, args.json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import export_gguf, format_export
+
+    out, report = export_gguf(Path(args.model), Path(args.out), type=args.type, force=args.force,
+                              progress=not args.quiet)
+    print(json.dumps(report.summary(), indent=2, ensure_ascii=False) if args.json else format_export(report))
     return 0
 
 
@@ -318,7 +356,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_vectors(args) -> int:
-    """Word vectors (skip-gram, negative sampling) for methods that read them (wechsel)."""
+    """fastText word vectors (gensim) for methods that read them (wechsel): a .bin model or a .vec file."""
     from pathlib import Path
 
     from .init.static_vectors import split_words, train_vectors, write_vectors
@@ -330,8 +368,10 @@ def cmd_vectors(args) -> int:
         raise TokenbridgeError(f"{out}: exists (pass --force to replace it)")
     sequences = [words for path in args.text for words in split_words(read_text(Path(path)))]
     vectors = train_vectors(sequences, dim=args.dim, window=args.window, epochs=args.epochs,
-                            min_count=args.min_count, seed=args.seed, progress=not args.quiet)
-    with staged_file(out) as tmp:  # same suffix: a .gz output is written gzipped
+                            min_count=args.min_count, seed=args.seed, skipgram=not args.cbow,
+                            min_n=args.min_n, max_n=args.max_n,
+                            buckets=args.buckets, progress=not args.quiet)
+    with staged_file(out) as tmp:  # same suffix: a .gz output is written gzipped, a .bin as a fastText model
         write_vectors(tmp, vectors)
     if args.json:
         print(json.dumps({"out": str(out), "words": len(vectors.words), "dim": args.dim}))
@@ -548,11 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(safetensors), .gguf file, or packaged:smollm2|gemma3; TARGET: "
                         "tokenizer directory, model directory, tokenizer.json, .gguf, packaged:NAME, or bytes (a byte "
                         "tokenizer with SOURCE's special tokens; ./bytes for a path of that name) (omitted "
-                        "with --train-tokenizer); OUT: output model directory")
+                        "with --train-tokenizer); OUT: output model directory, or one GGUF file when it ends in "
+                        ".gguf")
     p.add_argument("--method", default="subword", help="initialisation for new rows (see `tokenbridge methods`)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--seed", type=SEED, default=0, help="0 to 2**32-1 (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--gguf-type", metavar="TYPE",
+                   help="OUT.gguf: the type of its embedding and output matrices (default: the source's; "
+                        "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0)")
     _allow_pickle_flag(p)
     _output_flags(p)
     p.add_argument("--train-tokenizer", nargs="+", metavar="FILE",
@@ -590,6 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "or model directory, tokenizer.json, .gguf, or packaged:NAME)")
     _tokenizer_output_options(q)
     q.set_defaults(func=cmd_tokenizer_bytes)
+
+    p = sub.add_parser("export", help="write a Hugging Face model directory as one GGUF file (llama.cpp, Ollama)")
+    p.add_argument("model", metavar="MODEL_DIR", help="a causal LM directory: a transplant, a healed model, ...")
+    p.add_argument("out", metavar="OUT.gguf")
+    p.add_argument("--type", metavar="TYPE",
+                   help="the weights' type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default: the checkpoint's "
+                        "own float type); norms stay f32, rows that are not whole blocks fall back to f16")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _output_flags(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="dequantise a .gguf file into a Hugging Face directory")
     p.add_argument("gguf")
@@ -755,22 +809,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_hypernet_train)
 
     p = sub.add_parser("explain", help="show where a transplanted model's row for a token came from")
-    p.add_argument("out", help="a directory written by tokenbridge transplant")
+    p.add_argument("out", help="a directory or .gguf file written by tokenbridge transplant")
     p.add_argument("token", help="a target token (as the tokenizer writes it), an id with --id, or any text")
     p.add_argument("--id", action="store_true", help="TOKEN is a target id (or comma-separated ids)")
     p.add_argument("--top", type=POSITIVE, default=12, help="source rows listed per token (default 12)")
     _output_flags(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("vectors", help="train word vectors on text (.vec), e.g. for the wechsel method")
+    p = sub.add_parser("vectors", help="train fastText word vectors on text (gensim), e.g. for the wechsel method")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
-    p.add_argument("--out", required=True, metavar="VEC", help="output file in word2vec text format")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="OUT.bin: a fastText model (with character n-grams); else a .vec text file (.vec.gz gzipped)")
     p.add_argument("--dim", type=POSITIVE, default=100)
     p.add_argument("--window", type=POSITIVE, default=5)
     p.add_argument("--epochs", type=POSITIVE, default=5)
     p.add_argument("--min-count", type=POSITIVE, default=2)
+    p.add_argument("--cbow", action="store_true", help="CBOW instead of skip-gram (fastText's default)")
+    p.add_argument("--min-n", type=POSITIVE, default=3, help="shortest character n-gram (default 3)")
+    p.add_argument("--max-n", type=int, default=6, help="longest character n-gram; 0: none (default 6)")
+    p.add_argument("--buckets", type=POSITIVE, default=2_000_000,
+                   help="rows the character n-grams are hashed into (default 2000000, as fastText)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--force", action="store_true", help="replace VEC if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _output_flags(p)
     p.set_defaults(func=cmd_vectors)
 

@@ -1,6 +1,6 @@
 """``tokenbridge explain OUT TOKEN``: where a transplanted model's row for a token came from.
 
-Reads ``OUT/tokenbridge.json``.  TOKEN is a token of the target vocabulary as the
+Reads ``OUT/tokenbridge.json`` (or a ``.gguf`` OUT's ``tokenbridge.provenance``).  TOKEN is a token of the target vocabulary as the
 tokenizer writes it (``Ġthe``, ``▁the``), a target id with ``--id``, or any text, which
 is then tokenized with OUT's tokenizer and every token explained.
 """
@@ -15,6 +15,8 @@ from .report import REPORT_NAME
 
 
 def load_record(out: Path) -> dict:
+    if Path(out).is_file() and Path(out).suffix == ".gguf":
+        return _gguf_record(Path(out))
     path = Path(out) / REPORT_NAME
     if not path.is_file():
         raise TokenbridgeError(f"{out}: no {REPORT_NAME} (not a tokenbridge output directory)")
@@ -22,6 +24,20 @@ def load_record(out: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise TokenbridgeError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def _gguf_record(out: Path) -> dict:
+    """A GGUF file's provenance: the ``tokenbridge.provenance`` string a transplant to ``.gguf`` writes."""
+    from .load.gguf import read_gguf_header
+    from .write.gguf import PROVENANCE_KEY
+
+    text = read_gguf_header(out).value(PROVENANCE_KEY)
+    if not isinstance(text, str):
+        raise TokenbridgeError(f"{out}: no {PROVENANCE_KEY} (not written by tokenbridge transplant)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TokenbridgeError(f"{out}: {PROVENANCE_KEY} is not valid JSON ({error.msg})") from None
 
 
 def _source_tokens(record: dict) -> list[str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,13 +116,18 @@ class _Builder:
         self.progress = progress
         self.target_ids = torch.tensor([m.target_id for m in alignment.matches], dtype=torch.int64)
         self.source_ids = torch.tensor([m.source_id for m in alignment.matches], dtype=torch.int64)
+        self.copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def generator(self, matrix: str) -> torch.Generator:
         offset = int.from_bytes(hashlib.sha256(matrix.encode()).digest()[:4], "little")
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
     def build(self, stored: torch.Tensor, matrix: str) -> tuple[torch.Tensor, list[RowProvenance]]:
-        """``stored [V_rows, d]`` (source dtype) -> ``[rows_out, d]`` in the same dtype, plus provenance."""
+        """``stored [V_rows, d]`` (source dtype) -> ``[rows_out, d]`` in the same dtype, plus provenance.
+
+        Which output rows are stored rows as they are is kept in ``self.copies[matrix]``:
+        ``(target ids, source ids)``, for writers that copy those rows' stored bytes.
+        """
         source_vocab = len(self.alignment.source)
         work = stored[:source_vocab].float()
         out = torch.empty((self.rows_out, stored.shape[1]), dtype=stored.dtype)
@@ -153,14 +159,18 @@ class _Builder:
         for index in self.alignment.unmatched_special:
             out[index] = mean
             provenance.append(RowProvenance(index, target.tokens[index].token, "special:unmatched"))
+        padding = []
         for index in range(len(target), self.rows_out):
             if index < stored.shape[0] and index >= source_vocab:
                 out[index] = stored[index]
+                padding.append(index)
                 provenance.append(RowProvenance(index, "", "padding", [index], [1.0]))
             else:
                 out[index] = mean
                 provenance.append(RowProvenance(index, "", "padding"))
         provenance.sort(key=lambda p: p.target_id)
+        kept = torch.tensor(padding, dtype=torch.int64)
+        self.copies[matrix] = (torch.cat([self.target_ids, kept]), torch.cat([self.source_ids, kept]))
         return out, provenance
 
     def bias(self, stored: torch.Tensor, provenance: list[RowProvenance]) -> torch.Tensor:
@@ -224,15 +234,120 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+@dataclass
+class VocabSource:
+    """A source model's vocabulary-sized matrices, read when the transplant needs them (stored dtype)."""
+
+    label: str  # the model, as messages name it
+    rows: int
+    tied: bool
+    read_input: Callable[[], torch.Tensor]
+    read_output: Callable[[], torch.Tensor] | None = None  # None: no output head (tied)
+    read_bias: Callable[[], torch.Tensor] | None = None
+
+
+@dataclass
+class VocabBuild:
+    """A transplant's new vocabulary matrices and its report, before anything is written."""
+
+    input: torch.Tensor
+    output: torch.Tensor | None  # the input matrix itself when tied; None without an output head
+    bias: torch.Tensor | None
+    rows_out: int
+    alignment: Alignment
+    target_tokenizer: object
+    target_special_ids: dict[str, int]
+    copies: dict[str, tuple[torch.Tensor, torch.Tensor]]  # matrix -> rows that are stored rows as they are
+    report: TransplantReport
+
+
+def build_vocab(source: VocabSource, source_tokenizer, target_tok, spec: ArchSpec, model_config: dict,
+                method: str, chosen, config, seed: int, source_name: str, target_name: str,
+                progress: bool) -> VocabBuild:
+    """Align the two vocabularies and build the target's input (and output, bias) rows with ``chosen``."""
+    source_vocab: Vocabulary = vocabulary(source_tokenizer)
+    target_vocab: Vocabulary = vocabulary(target_tok)
+    if len(source_vocab) > source.rows:
+        raise TokenbridgeError(
+            f"{source.label}: the tokenizer has {len(source_vocab)} tokens but the embeddings only {source.rows} rows"
+        )
+    encoder = ByteEncoder(source_vocab)
+    alignment = align(source_vocab, target_vocab, source_tokenizer, target_tok, encoder)
+    rows_out = padded_size(len(target_vocab), source.rows, len(source_vocab))
+    embed_scale = spec.scale(model_config)
+    has_output = source.read_output is not None
+    prepared = None
+    if chosen.prepare is not None:
+        overlap = [m for m in alignment.matches if m.how == "bytes"]
+        context = TransplantContext(
+            source_vocab, target_vocab, source_tokenizer, target_tok, encoder,
+            torch.tensor([m.target_id for m in overlap], dtype=torch.int64),
+            torch.tensor([m.source_id for m in overlap], dtype=torch.int64),
+            [target_vocab.tokens[i] for i in alignment.new], seed, progress, source.tied or not has_output,
+            lambda matrix: (source.read_output() if matrix == "output" and has_output and not source.tied
+                            else source.read_input())[:len(source_vocab)].float())
+        prepared = chosen.prepare(context, config)
+    builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
+    # Read after ``prepare``: a method's own working memory (donor matrices, corpora) is gone by then.
+    stored_input = source.read_input()
+
+    new_input, input_provenance = builder.build(stored_input, "input")
+    del stored_input
+    initialised = {"input": input_provenance}
+    output_provenance = input_provenance
+    new_output = None
+    if has_output:
+        if source.tied:
+            new_output = new_input
+        else:
+            new_output, output_provenance = builder.build(source.read_output(), "output")
+            initialised["output"] = output_provenance
+    new_bias = builder.bias(source.read_bias(), output_provenance) if source.read_bias is not None else None
+    builder.prepared = prepared = None  # a donor's matrices are not needed while writing
+
+    specials = [
+        SpecialMatch(m.target_id, target_vocab.tokens[m.target_id].token, m.source_id,
+                     source_vocab.tokens[m.source_id].token, m.how)
+        for m in alignment.matches if m.how.startswith("special:")
+    ]
+    copied = [(m.target_id, m.source_id) for m in alignment.matches if m.how == "bytes"]
+    fallback = sum(1 for p in input_provenance if "fallback" in p.how)
+    report = TransplantReport(
+        source=source_name, target=target_name, method=method, options=asdict(config), seed=seed,
+        model_type=spec.model_type, tied=source.tied, embed_scale=embed_scale,
+        source_vocab_size=len(source_vocab), target_vocab_size=len(target_vocab),
+        counts={
+            "copied": len(copied),
+            "copied_special": len(specials),
+            "initialised": len(alignment.new),
+            "fallback": fallback,
+            "unmatched_special": len(alignment.unmatched_special),
+            "padding": rows_out - len(target_vocab),
+        },
+        specials=specials, copied=copied, initialised=initialised,
+    )
+    return VocabBuild(new_input, new_output, new_bias, rows_out, alignment, target_tok, _special_ids(target_tok),
+                      builder.copies, report)
+
+
 def transplant(source, target_tokenizer, out, method: str = "subword", options: dict | None = None,
                seed: int = 0, force: bool = False, allow_pickle: bool = False,
-               progress: bool = True) -> tuple[Path, TransplantReport]:
+               progress: bool = True, gguf_type: str | None = None) -> tuple[Path, TransplantReport]:
     """Give the model at ``source`` the tokenizer at ``target_tokenizer``; write it to ``out``.
 
-    Returns the written directory and a :class:`TransplantReport`.  ``method="auto"`` tries the
-    methods the options allow and keeps the best on held-out text (:mod:`tokenbridge.auto`).
+    Returns the written directory (or file) and a :class:`TransplantReport`.  ``method="auto"`` tries
+    the methods the options allow and keeps the best on held-out text (:mod:`tokenbridge.auto`).  An
+    ``out`` ending in ``.gguf`` is one GGUF file (:mod:`tokenbridge.transplant_gguf`); ``gguf_type``
+    is then the type of its embedding and output matrices.
     """
     seed = checks.seed(seed)
+    if Path(out).suffix == ".gguf":
+        from .transplant_gguf import transplant_to_gguf
+
+        return transplant_to_gguf(source, target_tokenizer, out, method, options, seed, force, gguf_type,
+                                  allow_pickle, progress)
+    if gguf_type is not None:
+        raise TokenbridgeError("--gguf-type applies only to a .gguf OUT")
     if method == "auto":
         from .auto import auto_transplant
 
@@ -254,76 +369,23 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
     names = locate_vocab_tensors(checkpoint, spec, tied)
     source_tokenizer = load_tokenizer(model_dir)
     target_tok = load_tokenizer(target_path)
-    source_vocab: Vocabulary = vocabulary(source_tokenizer)
-    target_vocab: Vocabulary = vocabulary(target_tok)
-
-    source_rows = checkpoint.tensors[names.input[0]].shape[0]
-    if len(source_vocab) > source_rows:
-        raise TokenbridgeError(
-            f"{model_dir}: the tokenizer has {len(source_vocab)} tokens but the embeddings only {source_rows} rows"
-        )
-    encoder = ByteEncoder(source_vocab)
-    alignment = align(source_vocab, target_vocab, source_tokenizer, target_tok, encoder)
-    rows_out = padded_size(len(target_vocab), source_rows, len(source_vocab))
-    embed_scale = spec.scale(checkpoint.config)
-    prepared = None
-    if chosen.prepare is not None:
-        overlap = [m for m in alignment.matches if m.how == "bytes"]
-        context = TransplantContext(
-            source_vocab, target_vocab, source_tokenizer, target_tok, encoder,
-            torch.tensor([m.target_id for m in overlap], dtype=torch.int64),
-            torch.tensor([m.source_id for m in overlap], dtype=torch.int64),
-            [target_vocab.tokens[i] for i in alignment.new], seed, progress, tied or not names.output,
-            lambda matrix: checkpoint.read(names.output[0] if matrix == "output" and names.output and not tied
-                                           else names.input[0])[:len(source_vocab)].float())
-        prepared = chosen.prepare(context, config)
-    builder = _Builder(alignment, chosen, config, encoder, seed, rows_out, embed_scale, progress, prepared)
-    # Read after ``prepare``: a method's own working memory (donor matrices, corpora) is gone by then.
-    stored_input = checkpoint.read(names.input[0])
-
-    new_input, input_provenance = builder.build(stored_input, "input")
-    del stored_input
-    replacements: dict[str, torch.Tensor] = {name: new_input for name in names.input}
-    initialised = {"input": input_provenance}
-    output_provenance = input_provenance
-    if names.output:
-        if tied:
-            new_output = new_input
-        else:
-            new_output, output_provenance = builder.build(checkpoint.read(names.output[0]), "output")
-            initialised["output"] = output_provenance
-        replacements.update({name: new_output for name in names.output})
-    if names.output_bias:
-        new_bias = builder.bias(checkpoint.read(names.output_bias[0]), output_provenance)
-        replacements.update({name: new_bias for name in names.output_bias})
-    builder.prepared = prepared = None  # a donor's matrices are not needed while writing
+    vocab = VocabSource(
+        str(model_dir), checkpoint.tensors[names.input[0]].shape[0], tied,
+        read_input=lambda: checkpoint.read(names.input[0]),
+        read_output=(lambda: checkpoint.read(names.output[0])) if names.output else None,
+        read_bias=(lambda: checkpoint.read(names.output_bias[0])) if names.output_bias else None)
+    build = build_vocab(vocab, source_tokenizer, target_tok, spec, checkpoint.config, method, chosen, config, seed,
+                        str(source), str(target_path), progress)
+    replacements: dict[str, torch.Tensor] = {name: build.input for name in names.input}
+    if build.output is not None:
+        replacements.update({name: build.output for name in names.output})
+    if build.bias is not None:
+        replacements.update({name: build.bias for name in names.output_bias})
 
     new_config = dict(checkpoint.config)
-    set_dotted(new_config, spec.vocab_key, rows_out)
-    target_special_ids = _special_ids(target_tok)
-    new_config = _update_special_ids(new_config, target_special_ids, alignment)
-
-    specials = [
-        SpecialMatch(m.target_id, target_vocab.tokens[m.target_id].token, m.source_id,
-                     source_vocab.tokens[m.source_id].token, m.how)
-        for m in alignment.matches if m.how.startswith("special:")
-    ]
-    copied = [(m.target_id, m.source_id) for m in alignment.matches if m.how == "bytes"]
-    fallback = sum(1 for p in input_provenance if "fallback" in p.how)
-    report = TransplantReport(
-        source=str(source), target=str(target_path), method=method, options=asdict(config), seed=seed,
-        model_type=spec.model_type, tied=tied, embed_scale=embed_scale,
-        source_vocab_size=len(source_vocab), target_vocab_size=len(target_vocab),
-        counts={
-            "copied": len(copied),
-            "copied_special": len(specials),
-            "initialised": len(alignment.new),
-            "fallback": fallback,
-            "unmatched_special": len(alignment.unmatched_special),
-            "padding": rows_out - len(target_vocab),
-        },
-        specials=specials, copied=copied, initialised=initialised,
-    )
+    set_dotted(new_config, spec.vocab_key, build.rows_out)
+    new_config = _update_special_ids(new_config, build.target_special_ids, build.alignment)
+    report = build.report
 
     with staged_output(out, force) as tmp:
         _write_shards(checkpoint, replacements, tmp, progress)
@@ -331,7 +393,8 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
         generation = model_dir / "generation_config.json"
         if generation.is_file():
             _write_json(tmp / "generation_config.json",
-                        _update_special_ids(json.loads(generation.read_text()), target_special_ids, alignment))
+                        _update_special_ids(json.loads(generation.read_text()), build.target_special_ids,
+                                            build.alignment))
         target_tok.save_pretrained(str(tmp))
         report.write(tmp)
     report.seconds = round(time.perf_counter() - started, 3)

@@ -50,6 +50,7 @@ class TransplantReport:
     copied: list[tuple[int, int]]  # (target id, source id) for rows copied by bytes
     initialised: dict[str, list[RowProvenance]]  # "input" (and "output" when untied)
     selection: dict | None = None  # method "auto": what each candidate scored and which was kept
+    gguf: dict | None = None  # a .gguf OUT: the types its vocabulary matrices were written in, its tokenizer
     seconds: float = 0.0  # not written to the file: outputs stay byte-identical across runs
     peak_rss_mb: float = 0.0
 
@@ -60,6 +61,8 @@ class TransplantReport:
         data["specials"] = [asdict(s) for s in self.specials]
         data["copied"] = [list(pair) for pair in self.copied]
         data["initialised"] = {matrix: [_row(row) for row in rows] for matrix, rows in self.initialised.items()}
+        if data["gguf"] is None:
+            data.pop("gguf")
         if not with_timings:
             data.pop("seconds")
             data.pop("peak_rss_mb")
@@ -76,22 +79,32 @@ class TransplantReport:
     def write(self, directory: Path) -> Path:
         """Write ``tokenbridge.json`` (no timings), streaming the per-row lists."""
         path = Path(directory) / REPORT_NAME
+        with open(path, "w", encoding="utf-8") as handle:
+            for chunk in self._json_chunks():
+                handle.write(chunk)
+        return path
+
+    def to_json(self) -> str:
+        """What :meth:`write` writes, as one string (a GGUF file keeps it as ``tokenbridge.provenance``)."""
+        return "".join(self._json_chunks())
+
+    def _json_chunks(self):
         dump = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
         head = {"format": FORMAT}
         head.update({f.name: getattr(self, f.name) for f in fields(self)
                      if f.name not in ("copied", "initialised", "seconds", "peak_rss_mb")})
+        if head.get("gguf") is None:
+            head.pop("gguf", None)  # directory outputs stay as they were
         head["specials"] = [asdict(s) for s in self.specials]
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(dump(head)[:-1])
-            handle.write(',"copied":[' + ",".join(f"[{t},{s}]" for t, s in self.copied) + "]")
-            handle.write(',"initialised":{')
-            for number, (matrix, rows) in enumerate(self.initialised.items()):
-                handle.write(("," if number else "") + dump(matrix) + ":[")
-                for index, row in enumerate(rows):
-                    handle.write(("," if index else "") + dump(_row(row)))
-                handle.write("]")
-            handle.write("}}\n")
-        return path
+        yield dump(head)[:-1]
+        yield ',"copied":[' + ",".join(f"[{t},{s}]" for t, s in self.copied) + "]"
+        yield ',"initialised":{'
+        for number, (matrix, rows) in enumerate(self.initialised.items()):
+            yield ("," if number else "") + dump(matrix) + ":["
+            for index, row in enumerate(rows):
+                yield ("," if index else "") + dump(_row(row))
+            yield "]"
+        yield "}}\n"
 
 
 def peak_rss_mb() -> float:

@@ -80,3 +80,58 @@ def arch_spec(model_type: str) -> ArchSpec:
         embed_scale=entry["embed_scale"],
         head=entry["head"],
     )
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How one architecture is written as GGUF for llama.cpp (``arch/gguf.json``)."""
+
+    model_type: str
+    gguf: str  # llama.cpp's architecture name
+    keys: dict  # "<gguf>.<key>" suffix -> config attribute
+    optional: tuple[str, ...]
+    permute_qk: bool
+    norm_offset: float
+    activations: tuple[str, ...]
+    rope_types: tuple[str, ...]
+    sliding_window: str  # "kept", "dropped" or "refused"
+    vocab_size_key: bool
+    gemma3: dict | None = None
+
+
+@lru_cache(maxsize=1)
+def _gguf_table() -> dict:
+    return json.loads(files("tokenbridge.arch").joinpath("gguf.json").read_text())
+
+
+def gguf_model_types() -> list[str]:
+    """The Hugging Face model types tokenbridge writes as GGUF."""
+    return sorted(k for k in _gguf_table() if not k.startswith("_"))
+
+
+def gguf_spec(model_type: str) -> GGUFSpec:
+    """The GGUF conventions of ``model_type``; an architecture llama.cpp does not run is a one-line error."""
+    table = _gguf_table()
+    entry = table.get(model_type)
+    if entry is None or model_type.startswith("_"):
+        raise TokenbridgeError(
+            f"architecture {model_type!r} cannot be written as GGUF; tokenbridge writes "
+            f"{', '.join(gguf_model_types())} (tokenbridge/arch/gguf.json)")
+    common = table["_common"]
+    merged = {**common, **entry, "keys": {**common["keys"], **entry.get("keys", {})}}
+    return GGUFSpec(
+        model_type=model_type, gguf=merged["gguf"], keys=merged["keys"], optional=tuple(merged["optional"]),
+        permute_qk=merged["permute_qk"], norm_offset=float(merged["norm_offset"]),
+        activations=tuple(merged["activations"]), rope_types=tuple(merged["rope_types"]),
+        sliding_window=merged["sliding_window"], vocab_size_key=merged["vocab_size_key"],
+        gemma3=merged.get("gemma3"))
+
+
+def model_type_of_gguf(architecture: str) -> str:
+    """The Hugging Face model type a GGUF ``general.architecture`` is read as (``llama`` for llama and mistral)."""
+    for model_type in gguf_model_types():
+        if _gguf_table()[model_type]["gguf"] == architecture:
+            return model_type
+    names = sorted({_gguf_table()[m]["gguf"] for m in gguf_model_types()})
+    raise TokenbridgeError(f"GGUF architecture {architecture!r} is not supported; tokenbridge transplants "
+                           f"{', '.join(names)}")

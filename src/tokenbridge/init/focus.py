@@ -1,16 +1,18 @@
 """``focus`` (FOCUS, Dobler & de Melo 2023): neighbours found in auxiliary static embeddings.
 
-Static token embeddings for the *target* vocabulary are trained here on text the user gives,
-tokenised with the target tokenizer (FOCUS trains fastText CBOW on such text; its defaults
-are dim 100, 3 epochs, min_count 10).  For every new target token, its cosine similarities
-to the overlapping tokens in that auxiliary space go through sparsemax, and the new row is
-the sparsemax-weighted sum of the overlapping tokens' *source* rows (a convex combination
-of a few of them).
+Static token embeddings for the *target* vocabulary come from fastText, trained here (gensim,
+one worker thread, the transplant's seed) on text the user gives, tokenised with the target
+tokenizer and written as token strings, as FOCUS does (CBOW, 10 negatives, character n-grams
+of 3-6 characters; FOCUS's defaults dim 100, 3 epochs, min_count 10).  For every new target
+token, its cosine similarities to the overlapping tokens in that auxiliary space go through
+sparsemax, and the new row is the sparsemax-weighted sum of the overlapping tokens' *source*
+rows (a convex combination of a few of them).
 
-As in the reference (``deepfocus/focus.py``), an overlapping token takes part only if it has
-an auxiliary vector (it occurred at least ``min_count`` times).  A new token without one is
-initialised randomly there; here it is left out, so it gets the ``subword`` rows and the
-label ``focus:fallback:subword``.
+An overlapping token takes part only if it has a vector of its own (it occurred at least
+``min_count`` times), as in the reference (``deepfocus/focus.py``).  A new token seen fewer
+times, or never, gets fastText's vector built from its character n-grams and is labelled
+``focus:ngrams``; the reference initialises those randomly.  Only a token whose n-gram vector is
+zero falls back to the ``subword`` rows (``focus:fallback:subword``).
 """
 
 from __future__ import annotations
@@ -50,16 +52,19 @@ class FocusConfig:
     epochs: int = 3  # passes over the corpus
     min_count: int = 10  # tokens seen fewer times get no auxiliary vector
     window: int = 5  # context tokens on each side
+    min_n: int = 3  # shortest character n-gram of a token string
+    max_n: int = 6  # longest character n-gram (0: none; then unseen tokens fall back to subword)
+    buckets: int = 2_000_000  # rows the n-grams are hashed into (fastText's default)
 
 
 def tokenized_lines(paths, tokenizer) -> list[list[str]]:
-    """Every non-blank line of ``paths`` as target token ids written as strings."""
+    """Every non-blank line of ``paths`` as target token strings (``convert_ids_to_tokens``)."""
     sequences: list[list[str]] = []
     for path in paths:
         lines = [line for line in read_text(path).splitlines() if line.strip()]
         for begin in range(0, len(lines), TOKENIZE_BATCH):
             encoded = tokenizer(lines[begin:begin + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
-            sequences.extend([str(i) for i in ids] for ids in encoded if ids)
+            sequences.extend(tokenizer.convert_ids_to_tokens(ids) for ids in encoded if ids)
     return sequences
 
 
@@ -67,31 +72,44 @@ def prepare_focus(context: TransplantContext, config: FocusConfig) -> Combinatio
     from .resources import read_text_files
     from .static_vectors import train_vectors
 
-    for name in ("dim", "epochs", "min_count", "window"):
+    for name in ("dim", "epochs", "min_count", "window", "min_n", "buckets"):
         if getattr(config, name) < 1:
             raise TokenbridgeError(f"focus: {name}={getattr(config, name)} must be at least 1")
+    if config.max_n and config.max_n < config.min_n:
+        raise TokenbridgeError(f"focus: max_n={config.max_n} must be 0 or at least min_n={config.min_n}")
     paths = read_text_files(config.corpus, "focus corpus")
-    sequences = tokenized_lines(paths, context.target_tokenizer)
+    tokenizer = context.target_tokenizer
+    sequences = tokenized_lines(paths, tokenizer)
     if not sequences:
         raise TokenbridgeError(f"focus corpus {config.corpus}: no text")
-    vectors = train_vectors(sequences, dim=config.dim, window=config.window, epochs=config.epochs,
-                            min_count=config.min_count, seed=context.seed, progress=context.progress)
-    aux = torch.as_tensor(vectors.vectors, dtype=torch.float32)
-    row_of = {int(word): row for row, word in enumerate(vectors.words) if bool(aux[row].ne(0).any())}
+    vectors = train_vectors(sequences, dim=config.dim, window=config.window, negatives=10, epochs=config.epochs,
+                            min_count=config.min_count, seed=context.seed, skipgram=False, min_n=config.min_n,
+                            max_n=config.max_n, buckets=config.buckets, progress=context.progress)
+    own = vectors.index()
 
-    overlap = [(t, s) for t, s in zip(context.overlap_target.tolist(), context.overlap_source.tolist())
-               if t in row_of]
+    overlap_target = context.overlap_target.tolist()
+    overlap_strings = tokenizer.convert_ids_to_tokens(overlap_target)
+    overlap = [(k, s) for k, (s, string) in enumerate(zip(context.overlap_source.tolist(), overlap_strings))
+               if string in own and bool(vectors.vectors[own[string]].ne(0).any())]
     if not overlap:
-        raise TokenbridgeError(f"focus: none of the {len(context.overlap_target)} overlapping tokens occurs "
+        raise TokenbridgeError(f"focus: none of the {len(overlap_target)} overlapping tokens occurs "
                                f"{config.min_count} times in the corpus; give more text or a lower min_count")
-    keys = aux[[row_of[t] for t, _ in overlap]]
+    keys = vectors.vectors[[own[overlap_strings[k]] for k, _ in overlap]]
     overlap_source = torch.tensor([s for _, s in overlap], dtype=torch.int64)
-    new_ids = [t.id for t in context.new_tokens if t.id in row_of]
-    return combine_over_overlap(new_ids, lambda ids: focus_weights(aux[[row_of[i] for i in ids]], keys),
-                                overlap_source, "focus: auxiliary neighbours", context.progress, 16 * CHUNK)
+
+    new_ids = [t.id for t in context.new_tokens]
+    aux, found, from_ngrams = vectors.lookup(tokenizer.convert_ids_to_tokens(new_ids))
+    row_of = {i: r for r, i in enumerate(new_ids) if found[r]}
+    placed = [i for i in new_ids if i in row_of]
+    combination = combine_over_overlap(placed, lambda ids: focus_weights(aux[[row_of[i] for i in ids]], keys),
+                                       overlap_source, "focus: auxiliary neighbours", context.progress, 16 * CHUNK)
+    for i in placed:
+        if from_ngrams[row_of[i]] and i in combination.ids:
+            combination.how[i] = "focus:ngrams"
+    return combination
 
 
-@register("focus", FocusConfig, "sparsemax-weighted source rows of the overlapping tokens nearest in static "
-          "embeddings trained on target-tokenised text (FOCUS)", prepare=prepare_focus)
+@register("focus", FocusConfig, "sparsemax-weighted source rows of the overlapping tokens nearest in fastText "
+          "embeddings (character n-grams) trained on target-tokenised text (FOCUS)", prepare=prepare_focus)
 def focus(inputs: MethodInputs, config: FocusConfig) -> MethodResult:
     return apply_combination(inputs, inputs.prepared, "focus")

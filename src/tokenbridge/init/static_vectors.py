@@ -1,49 +1,63 @@
-"""Static word (or token) vectors: trained here with skip-gram negative sampling, read and written as ``.vec``.
+"""Static word (or token) vectors: trained with gensim's fastText, read and written as fastText ``.bin`` or ``.vec``.
 
 Methods that compare tokens in an auxiliary space (WECHSEL, FOCUS) need static vectors for
-words or tokens.  :func:`train_vectors` trains them on a small corpus in seconds, in torch,
-deterministically; :func:`read_vectors`/:func:`write_vectors` use the word2vec/fastText text
-format (an optional ``"n dim"`` header line, then ``word v1 ... vdim`` per line).
+words or tokens.  :func:`train_vectors` trains fastText (Bojanowski et al., 2017: skip-gram or
+CBOW with negative sampling, plus character n-grams) with gensim, one worker thread and a seed,
+so that the same arguments give the same vectors.  :func:`read_vectors`/:func:`write_vectors`
+handle the two formats fastText publishes (``cc.de.300.bin``, ``cc.de.300.vec``):
 
-The training is word2vec's skip-gram with negative sampling (Mikolov et al., 2013):
-
-* frequent words are dropped at random each epoch, keeping word ``w`` with probability
-  ``(sqrt(c_w / (t N)) + 1) * t N / c_w`` (``t`` = ``subsample``, ``N`` the corpus size);
-* each kept position uses a window drawn uniformly from ``1..window`` (a "dynamic window");
-* each (centre, context) pair is scored against ``negatives`` noise words drawn from the
-  unigram distribution raised to the power 0.75;
-* plain SGD on the pair losses with word2vec's learning rate schedule (linear decay to
-  ``lr * 1e-4``), applied to shuffled mini-batches of pairs (gradients of a batch summed).
+* ``.bin``: fastText's binary model, read and written by gensim
+  (:func:`gensim.models.fasttext.load_facebook_vectors` / ``save_facebook_model``).  It holds word
+  counts and the character n-gram table, so a word it never saw still gets a vector
+  (:meth:`WordVectors.lookup`).
+* ``.vec`` (optionally ``.gz``): the word2vec/fastText text format, an optional ``"n dim"`` header
+  line, then ``word v1 ... vdim`` per line.  It has words only: no counts, no n-grams.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import os
 import re
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import TokenbridgeError
 
+FASTTEXT_MAGIC = 793712314  # the int32 a fastText .bin model starts with
+BINARY_SUFFIX = ".bin"
+
+
+def gensim_fasttext():
+    """``gensim.models.fasttext``, or a one-line error saying how to install it."""
+    try:
+        from gensim.models import fasttext
+    except ImportError as error:
+        raise TokenbridgeError(f"word vectors need gensim ({error}); install it with "
+                               f"'pip install gensim -c constraints.txt' (make setup does)") from None
+    return fasttext
+
 
 @dataclass
 class WordVectors:
-    """Vectors for ``words``, in the order of ``words`` (most frequent first when trained here).
+    """Vectors for ``words``, in the order of ``words`` (most frequent first in fastText's files).
 
-    ``counts``: the training corpus counts; zeros when unknown (vectors read from a file).
-    ``context_vectors``: SGNS's second (output) matrix when trained here, else ``None``;
-    it is not written to files.
+    ``counts``: the training corpus counts; zeros when unknown (a ``.vec`` file).
+    ``ngrams``: gensim's ``FastTextKeyedVectors`` when the vectors came with character n-grams (trained
+    here or read from a ``.bin``), else ``None``; :meth:`lookup` uses it for words not in ``words``.
+    ``model``: the whole gensim ``FastText`` model when trained here (needed to write a ``.bin``).
     """
 
     words: list[str]
     vectors: torch.Tensor  # [n, dim] float32
     counts: list[int]
-    context_vectors: torch.Tensor | None = None  # [n, dim] float32
+    ngrams: object | None = field(default=None, repr=False, compare=False)
+    model: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.words) or len(self.counts) != len(self.words):
@@ -58,8 +72,32 @@ class WordVectors:
         return int(self.vectors.shape[1])
 
     def index(self) -> dict[str, int]:
-        """word -> row."""
-        return {word: i for i, word in enumerate(self.words)}
+        """word -> row (the first row of a word listed twice)."""
+        out: dict[str, int] = {}
+        for i, word in enumerate(self.words):
+            out.setdefault(word, i)
+        return out
+
+    def lookup(self, words: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vectors of ``words`` -> ``(vectors [k, dim], found [k] bool, from_ngrams [k] bool)``.
+
+        A word in :attr:`words` gets its row; any other word, when n-grams are known, gensim's vector for
+        it: the mean of its character n-gram vectors (or its own vector, for a word of a ``.bin`` read with
+        a ``limit`` below its rank), if that is not zero; else it is not found (a zero row).
+        """
+        index = self.index()
+        out = torch.zeros((len(words), self.dim), dtype=torch.float32)
+        found = torch.zeros(len(words), dtype=torch.bool)
+        from_ngrams = torch.zeros(len(words), dtype=torch.bool)
+        for k, word in enumerate(words):
+            row = index.get(word)
+            if row is not None:
+                out[k], found[k] = self.vectors[row], True
+            elif self.ngrams is not None and getattr(self.ngrams, "bucket", 0) > 0:
+                vector = torch.from_numpy(np.asarray(self.ngrams.get_vector(word), dtype=np.float32))
+                if bool(vector.ne(0).any()) and bool(torch.isfinite(vector).all()):
+                    out[k], found[k], from_ngrams[k] = vector, True, True
+        return out, found, from_ngrams
 
 
 _WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]")
@@ -76,144 +114,41 @@ def split_words(text: str) -> list[list[str]]:
     return out
 
 
-def keep_probabilities(counts: torch.Tensor, subsample: float) -> torch.Tensor:
-    """word2vec's probability of keeping each occurrence of a word seen ``counts [n]`` times -> ``[n]``."""
-    counts = counts.double()
-    if subsample <= 0:
-        return torch.ones_like(counts)
-    threshold = subsample * counts.sum()
-    keep = (torch.sqrt(counts / threshold) + 1) * threshold / counts
-    return keep.clamp(max=1.0)
-
-
-def window_pairs(ids: torch.Tensor, sequence: torch.Tensor, reach: torch.Tensor, window: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Skip-gram (centre, context) pairs with a per-position window.
-
-    ``ids [L]``: word ids of the (already subsampled) positions; ``sequence [L]``: which sequence each
-    position belongs to (pairs never cross sequences); ``reach [L]``: each centre's window, in
-    ``1..window``.  Returns ``(centres [P], contexts [P])``: every ``(ids[i], ids[j])`` with
-    ``0 < |i - j| <= reach[i]`` inside one sequence, in a fixed order.
-    """
-    centres, contexts = [], []
-    length = ids.shape[0]
-    for offset in range(1, window + 1):
-        if offset >= length:
-            break
-        same = sequence[:-offset] == sequence[offset:]
-        forward = same & (reach[:-offset] >= offset)  # centre i, context i + offset
-        backward = same & (reach[offset:] >= offset)  # centre i + offset, context i
-        centres += [ids[:-offset][forward], ids[offset:][backward]]
-        contexts += [ids[offset:][forward], ids[:-offset][backward]]
-    if not centres:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty
-    return torch.cat(centres), torch.cat(contexts)
-
-
-def sgns_step(vectors: torch.Tensor, context_vectors: torch.Tensor, centres: torch.Tensor,
-              targets: torch.Tensor, lr: float) -> float:
-    """One SGD step of SGNS on a batch, in place; returns the batch's summed loss (before the step).
-
-    ``vectors``/``context_vectors [n, d]``; ``centres [B]``; ``targets [B, 1 + K]``: the true context
-    first, then ``K`` noise words.  Loss per pair: ``-log s(u_o . v_c) - sum_k log s(-u_k . v_c)``.
-    """
-    v = vectors[centres]  # [B, d]
-    u = context_vectors[targets]  # [B, 1 + K, d]
-    scores = torch.bmm(u, v.unsqueeze(2)).squeeze(2)  # [B, 1 + K]
-    labels = torch.zeros_like(scores)
-    labels[:, 0] = 1.0
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels, reduction="sum")
-    step = (labels - torch.sigmoid(scores)) * lr  # minus the gradient of the loss w.r.t. the scores, times lr
-    flat = targets.reshape(-1)
-    n = vectors.shape[0]
-    # A row hit m times in the batch moves by the mean of its m updates (times lr), not their sum: the
-    # sum of stale updates to a frequent noise word overshoots and diverges at large batches.
-    centre_hits = torch.bincount(centres, minlength=n).clamp(min=1).to(vectors.dtype)
-    target_hits = torch.bincount(flat, minlength=n).clamp(min=1).to(vectors.dtype)
-    vectors.index_add_(0, centres, torch.bmm(step.unsqueeze(1), u).squeeze(1) / centre_hits[centres, None])
-    context_vectors.index_add_(0, flat, (step.unsqueeze(2) * v.unsqueeze(1)).reshape(-1, v.shape[1])
-                               / target_hits[flat, None])
-    return float(loss)
+def word_spans(line: str) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the words :func:`split_words` finds in one line."""
+    return [m.span() for m in _WORD.finditer(line)]
 
 
 def train_vectors(sequences: Iterable[list[str]], dim: int = 100, window: int = 5, negatives: int = 5,
-                  epochs: int = 5, min_count: int = 1, lr: float = 0.1, seed: int = 0, subsample: float = 1e-3,
-                  batch_size: int = 1024, progress: bool = False) -> WordVectors:
-    """Skip-gram with negative sampling on ``sequences`` (lists of words or tokens) -> :class:`WordVectors`.
+                  epochs: int = 5, min_count: int = 1, seed: int = 0, skipgram: bool = True, min_n: int = 3,
+                  max_n: int = 6, buckets: int = 2_000_000, progress: bool = False) -> WordVectors:
+    """fastText (gensim) on ``sequences`` (lists of words or tokens) -> :class:`WordVectors` with n-grams.
 
-    Words seen fewer than ``min_count`` times are dropped before windows are taken (as word2vec).  The
-    result lists words by descending count (ties by string).  Same arguments and seed -> identical tensors.
+    ``skipgram``: skip-gram (fastText's default) or CBOW; character n-grams of ``min_n..max_n`` characters
+    hashed into ``buckets`` rows (``max_n=0``: none, plain word2vec).  Words seen fewer than ``min_count``
+    times get no row of their own.  The result lists words by descending count.  One worker thread and
+    ``seed``: same arguments -> identical tensors.
     """
-    if dim < 1 or window < 1 or negatives < 0 or epochs < 0 or batch_size < 1:
-        raise TokenbridgeError("train_vectors: dim, window, batch_size must be >= 1, negatives and epochs >= 0")
-    sequences = [list(s) for s in sequences]
-    counter = Counter(word for sequence in sequences for word in sequence)
-    vocab = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
-    if not vocab:
+    if dim < 1 or window < 1 or negatives < 1 or epochs < 1 or min_count < 1:
+        raise TokenbridgeError("train_vectors: dim, window, negatives, epochs and min_count must be >= 1")
+    if max_n and (min_n < 1 or max_n < min_n or buckets < 1):
+        raise TokenbridgeError(f"train_vectors: n-grams of {min_n}..{max_n} characters in {buckets} buckets")
+    sequences = [list(s) for s in sequences if s]
+    counts: dict[str, int] = {}
+    for sequence in sequences:
+        for word in sequence:
+            counts[word] = counts.get(word, 0) + 1
+    if not any(c >= min_count for c in counts.values()):
         raise TokenbridgeError(f"train_vectors: no word occurs at least min_count={min_count} times")
-    index = {word: i for i, word in enumerate(vocab)}
-    counts = torch.tensor([counter[w] for w in vocab], dtype=torch.int64)
-
-    flat, sequence_of = [], []
-    for number, sequence in enumerate(sequences):
-        kept = [index[w] for w in sequence if w in index]
-        flat += kept
-        sequence_of += [number] * len(kept)
-    ids = torch.tensor(flat, dtype=torch.int64)
-    sequence_ids = torch.tensor(sequence_of, dtype=torch.int64)
-
-    generator = torch.Generator().manual_seed(seed)
-    n = len(vocab)
-    vectors = (torch.rand((n, dim), generator=generator) - 0.5) / dim  # word2vec's initialisation
-    context_vectors = torch.zeros((n, dim))
-    keep = keep_probabilities(counts, subsample)
-    noise = counts.double() ** 0.75
-    noise_cdf = (noise.cumsum(0) / noise.sum()).float()
-    noise_cdf[-1] = 1.0
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the batches are small: more threads only add overhead (10x on a busy machine)
-    try:
-        with torch.no_grad():
-            _run_epochs(ids, sequence_ids, vectors, context_vectors, keep, noise_cdf, window, negatives, epochs,
-                        lr, batch_size, generator, progress)
-    finally:
-        torch.set_num_threads(threads)
-    return WordVectors(list(vocab), vectors, counts.tolist(), context_vectors)
-
-
-def _run_epochs(ids, sequence_ids, vectors, context_vectors, keep, noise_cdf, window, negatives, epochs, lr,
-                batch_size, generator, progress) -> None:
-    from tqdm import tqdm
-
-    n = vectors.shape[0]
-    planned = None  # pairs expected in the whole run, known after the first epoch
-    done = 0
-    for epoch in range(epochs):
-        kept = torch.rand(ids.shape[0], generator=generator, dtype=torch.float64) < keep[ids]
-        epoch_ids, epoch_seq = ids[kept], sequence_ids[kept]
-        reach = torch.randint(1, window + 1, (epoch_ids.shape[0],), generator=generator)
-        centres, contexts = window_pairs(epoch_ids, epoch_seq, reach, window)
-        order = torch.randperm(centres.shape[0], generator=generator)
-        centres, contexts = centres[order], contexts[order]
-        if planned is None:
-            planned = max(1, centres.shape[0] * epochs)
-        total = 0.0
-        bar = tqdm(total=centres.shape[0], desc=f"vectors epoch {epoch + 1}/{epochs}", unit="pair",
-                   disable=not progress, mininterval=1.0)
-        for begin in range(0, centres.shape[0], batch_size):
-            batch_centres = centres[begin:begin + batch_size]
-            size = batch_centres.shape[0]
-            draws = torch.rand(size * negatives, generator=generator)
-            noise_ids = torch.searchsorted(noise_cdf, draws).clamp(max=n - 1).view(size, negatives)
-            targets = torch.cat([contexts[begin:begin + size, None], noise_ids], dim=1)
-            rate = lr * max(1e-4, 1.0 - done / planned)
-            total += sgns_step(vectors, context_vectors, batch_centres, targets, rate)
-            done += size
-            bar.update(size)
-        bar.set_postfix(loss=total / max(1, centres.shape[0]))
-        bar.close()
+    model = gensim_fasttext().FastText(vector_size=dim, window=window, negative=negatives, min_count=min_count, sg=int(skipgram),
+                     min_n=min_n, max_n=max_n, bucket=buckets if max_n else 0, seed=seed, workers=1,
+                     sorted_vocab=1)
+    model.build_vocab(corpus_iterable=sequences)
+    model.train(corpus_iterable=sequences, total_examples=len(sequences), epochs=epochs)
+    wv = model.wv
+    words = list(wv.index_to_key)
+    return WordVectors(words, torch.from_numpy(np.array(wv.vectors, dtype=np.float32)),
+                       [int(wv.get_vecattr(w, "count")) for w in words], ngrams=wv if max_n else None, model=model)
 
 
 def most_similar(wv: WordVectors, word: str, k: int = 10) -> list[tuple[str, float]]:
@@ -228,22 +163,97 @@ def most_similar(wv: WordVectors, word: str, k: int = 10) -> list[tuple[str, flo
     return [(wv.words[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist())]
 
 
+def read_vectors(path, limit: int | None = None) -> WordVectors:
+    """Read word vectors: a fastText ``.bin`` model, else a ``.vec`` text file (optionally ``.gz``).
+
+    ``limit``: keep only the first that many words (files list the most frequent first); a ``.bin``
+    keeps its n-grams for the other words.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenbridgeError(f"word vectors {path}: no such file")
+    if path.suffix == BINARY_SUFFIX:
+        return read_fasttext_bin(path, limit)
+    return read_vec(path, limit)
+
+
+def check_fasttext_bin(path: Path) -> None:
+    """Walk a fastText ``.bin`` model's header, word list and input matrix size, without loading it.
+
+    gensim loops forever on a file that ends inside the word list, and trusts the sizes it reads; this
+    one-pass check (a memory map, so a 7 GB ``cc.de.300.bin`` is not read into memory) raises a
+    one-line :class:`TokenbridgeError` instead.
+    """
+    import mmap
+    import struct
+
+    def damaged(why: str) -> TokenbridgeError:
+        return TokenbridgeError(f"word vectors {path}: a damaged fastText .bin model ({why})")
+
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 4 or int.from_bytes(handle.read(4), "little", signed=True) != FASTTEXT_MAGIC:
+                raise TokenbridgeError(f"word vectors {path}: not a fastText .bin model (it does not start with "
+                                       f"fastText's magic number); a text file of vectors should be named .vec")
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as error:
+        raise TokenbridgeError(f"word vectors {path}: cannot read ({error})") from None
+    with data:
+        header = 4 + 4 + 12 * 4 + 8 + 3 * 4 + 8 + 8  # magic, version, 12 int32 args, t, sizes, ntokens, pruneidx
+        if size < header:
+            raise damaged("it ends inside the header")
+        dim = struct.unpack_from("<i", data, 8)[0]
+        words, _, labels = struct.unpack_from("<3i", data, 64)
+        pruned = struct.unpack_from("<q", data, 84)[0]
+        if dim < 1 or words < 0 or labels != 0:
+            raise damaged(f"dimension {dim}, {words} words, {labels} labels: not an unsupervised model")
+        position = header
+        for number in range(words):
+            end = data.find(b"\0", position)
+            if end < 0 or end + 10 > size:
+                raise damaged(f"it ends inside word {number + 1} of {words}")
+            position = end + 10  # the word, NUL, int64 count, int8 type
+        position += max(pruned, 0) * 8 + 1  # pruned ids, then the quantisation flag
+        if position + 16 > size:
+            raise damaged("it ends before the vectors")
+        rows, columns = struct.unpack_from("<2q", data, position)
+        if columns != dim or rows < words or size < position + 16 + rows * columns * 4:
+            raise damaged(f"{rows} x {columns} input vectors for {words} words of dimension {dim} do not fit the "
+                          f"file's {size} bytes")
+
+
+def read_fasttext_bin(path: Path, limit: int | None = None) -> WordVectors:
+    """A fastText binary model (as fastText or gensim write it), through gensim, with its counts and n-grams."""
+    check_fasttext_bin(path)
+    try:
+        wv = gensim_fasttext().load_facebook_vectors(str(path))
+    except Exception as error:  # gensim raises struct.error, EOFError, ValueError, ... on a damaged file
+        raise TokenbridgeError(f"word vectors {path}: a damaged fastText .bin model "
+                               f"({type(error).__name__}: {str(error)[:120]})") from None
+    words = list(wv.index_to_key)[:limit] if limit else list(wv.index_to_key)
+    if not words:
+        raise TokenbridgeError(f"word vectors {path}: no vectors in the file")
+    vectors = torch.from_numpy(np.array(wv.vectors[:len(words)], dtype=np.float32))
+    if not torch.isfinite(vectors).all():
+        bad = int((~torch.isfinite(vectors)).any(dim=1).nonzero()[0])
+        raise TokenbridgeError(f"word vectors {path}: the vector of {words[bad]!r} is not finite")
+    counts = [int(wv.get_vecattr(w, "count")) for w in words]
+    return WordVectors(words, vectors, counts, ngrams=wv if wv.bucket > 0 else None)
+
+
 def _open_text(path: Path, mode: str):
     if path.suffix == ".gz":
         return gzip.open(path, mode + "t", encoding="utf-8", newline="\n")
     return open(path, mode, encoding="utf-8", newline="\n")
 
 
-def read_vectors(path, limit: int | None = None) -> WordVectors:
-    """Read a word2vec/fastText text file (``.vec``, optionally ``.gz``): an optional ``"n dim"`` header,
-    then ``word v1 ... vdim`` per line, values separated by single spaces.
-
-    ``limit``: read only the first that many words (files list the most frequent first).  Counts are not
-    in the format and come back as zeros.  A word listed twice keeps its first vector.
+def read_vec(path: Path, limit: int | None = None) -> WordVectors:
+    """A word2vec/fastText text file: an optional ``"n dim"`` header, then ``word v1 ... vdim`` per line,
+    values separated by single spaces.  Counts are not in the format and come back as zeros; a word listed
+    twice keeps its first vector.  (Read here rather than with gensim's ``load_word2vec_format``, which
+    needs the header and names no line in its errors.)
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TokenbridgeError(f"word vectors {path}: no such file")
     words: list[str] = []
     rows: list[list[float]] = []
     seen: set[str] = set()
@@ -300,8 +310,17 @@ _SEPARATORS = frozenset(" \t\n\r\v\f\0")  # what fastText splits words on
 
 
 def write_vectors(path, wv: WordVectors) -> Path:
-    """Write ``wv`` as a ``.vec`` text file with an ``"n dim"`` header; float32 values round-trip exactly."""
+    """Write ``wv``: a ``.bin`` path gets fastText's binary model (gensim; only for vectors trained here,
+    which carry the whole model), any other a ``.vec`` text file with an ``"n dim"`` header, whose float32
+    values round-trip exactly."""
     path = Path(path)
+    if path.suffix == BINARY_SUFFIX:
+        if wv.model is None:
+            raise TokenbridgeError(f"word vectors {path}: a fastText .bin holds a whole model; only vectors "
+                                   f"trained here can be written as .bin (write a .vec instead)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gensim_fasttext().save_facebook_model(wv.model, str(path), encoding="utf-8")
+        return path
     for word in wv.words:
         if not word or any(c in _SEPARATORS for c in word):
             raise TokenbridgeError(f"word vectors {path}: the word {word!r} is empty or contains ASCII whitespace, "

@@ -15,8 +15,13 @@ one per language, and a bilingual dictionary:
 3. Each new target token takes its ``neighbors`` most cosine-similar source tokens and the
    weights ``softmax(similarity / temperature)``; its row is that weighted sum of source rows.
 
-Word frequencies are not in the ``.vec`` format.  Files written by word2vec and fastText list words
-most frequent first, so by default a word's weight is Zipf's estimate ``1 / rank``.
+The vectors are fastText's (read with gensim): a ``.bin`` model such as the published ``cc.de.300.bin``
+or a ``.vec`` text file.  A ``.bin`` holds word counts (the default weights) and character n-grams:
+a dictionary word it does not list gets fastText's n-gram vector, so it still counts in the
+Procrustes fit.  Word frequencies are not in the ``.vec`` format; files written by word2vec and
+fastText list words most frequent first, so a ``.vec`` word's weight is Zipf's estimate ``1 / rank``.
+When the two languages' vectors have different sizes, the larger are reduced to the smaller size
+by PCA (:mod:`.pca`, as ``fasttext.util.reduce_model`` reduces fastText models), before anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from ..align.token_bytes import Vocabulary
 from ..errors import TokenbridgeError
 from .combine import Combination, apply_combination
+from .pca import pca, project
 from .registry import MethodInputs, MethodResult, TransplantContext, register, resource
 from .sparse import cosine_topk
 from .static_vectors import WordVectors, read_vectors
@@ -154,9 +160,9 @@ def word_pieces(vocab: Vocabulary, words: list[str], batch: int = 8192) -> list[
 class WechselConfig:
     """WECHSEL's resources and options (defaults as in the paper)."""
 
-    source_vectors: str = resource("word vectors of the source model's language, a .vec text file "
-                                   "(e.g. fastText cc.en.300.vec)")
-    target_vectors: str = resource("word vectors of the target tokenizer's language, a .vec text file")
+    source_vectors: str = resource("fastText word vectors of the source model's language: a .bin model "
+                                   "(e.g. cc.en.300.bin, with subword n-grams) or a .vec text file")
+    target_vectors: str = resource("fastText word vectors of the target tokenizer's language, .bin or .vec")
     dictionary: str = resource("bilingual dictionary, one 'source_word<TAB>target_word' pair per line")
     neighbors: int = 10  # source tokens combined into each new token (WECHSEL's k)
     temperature: float = 0.1  # softmax temperature over the neighbours' cosine similarities
@@ -164,22 +170,51 @@ class WechselConfig:
     weighting: str = "frequency"  # words containing a token: "frequency" (counts, else 1/rank) or "uniform"
 
 
+def dictionary_space(wv: WordVectors, words: list[str]) -> tuple[torch.Tensor, dict[str, int], int]:
+    """``wv``'s rows, then rows for the dictionary ``words`` it lists in no casing (as written, lower- or
+    title-cased) but can give n-gram vectors (a ``.bin``), each as written.  Returns
+    ``(matrix [n + extra, d], word -> row, extra)``."""
+    index = wv.index()
+    missing = list(dict.fromkeys(w for w in words if not any(v in index for v in (w, w.lower(), w.title()))))
+    extra, found, _ = wv.lookup(missing) if missing and wv.ngrams is not None else (None, None, None)
+    if extra is None or not bool(found.any()):
+        return wv.vectors, index, 0
+    kept = [w for w, f in zip(missing, found.tolist()) if f]
+    for k, word in enumerate(kept):
+        index[word] = len(wv) + k
+    return torch.cat([wv.vectors, extra[found]]), index, len(kept)
+
+
+def same_size(source: torch.Tensor, target: torch.Tensor, source_words: int, target_words: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both spaces at the smaller of their two sizes: the larger is projected on its principal directions,
+    fitted on its first ``*_words`` rows (the words of the file, not the n-gram rows after them)."""
+    if source.shape[1] > target.shape[1]:
+        components, mean = pca(source[:source_words], target.shape[1])
+        return project(source, components, mean), target
+    if target.shape[1] > source.shape[1]:
+        components, mean = pca(target[:target_words], source.shape[1])
+        return source, project(target, components, mean)
+    return source, target
+
+
 def wechsel_combination(source_words: WordVectors, target_words: WordVectors, pairs: list[tuple[str, str]],
                         source: Vocabulary, target: Vocabulary, new_ids: list[int], config: WechselConfig
                         ) -> Combination:
     """The weights of every new target token (``new_ids``) that some target word contains."""
-    if source_words.dim != target_words.dim:
-        raise TokenbridgeError(f"wechsel: the source vectors have {source_words.dim} dimensions and the target "
-                               f"vectors {target_words.dim}; they must match")
-    source_rows, target_rows = dictionary_rows(pairs, source_words.index(), target_words.index())
+    source_matrix, source_index, _ = dictionary_space(source_words, [a for a, _ in pairs])
+    target_matrix, target_index, _ = dictionary_space(target_words, [b for _, b in pairs])
+    source_matrix, target_matrix = same_size(source_matrix, target_matrix, len(source_words), len(target_words))
+    source_rows, target_rows = dictionary_rows(pairs, source_index, target_index)
     if not source_rows:
         raise TokenbridgeError(f"wechsel: none of the {len(pairs)} dictionary pairs has vectors in both languages")
-    rotation = procrustes(source_words.vectors[source_rows], target_words.vectors[target_rows])
-    aligned = source_words.vectors @ rotation  # linear, so the same as rotating the token vectors
+    rotation = procrustes(source_matrix[source_rows], target_matrix[target_rows])
+    aligned = source_matrix[:len(source_words)] @ rotation  # linear, so the same as rotating the token vectors
 
     source_vectors, source_found = token_vectors(word_pieces(source, source_words.words), aligned,
                                                  word_weights(source_words, config.weighting), len(source))
-    target_vectors, target_found = token_vectors(word_pieces(target, target_words.words), target_words.vectors,
+    target_vectors, target_found = token_vectors(word_pieces(target, target_words.words),
+                                                 target_matrix[:len(target_words)],
                                                  word_weights(target_words, config.weighting), len(target))
     candidates = torch.tensor([t.id for t in source.tokens if source_found[t.id] and not t.special],
                               dtype=torch.int64)

@@ -155,12 +155,14 @@ def publish_path(out: Path) -> Path:
     return out
 
 
-def check_output(out: Path, force: bool, protected: list[Path] = (), allow_cache: bool = False) -> None:
+def check_output(out: Path, force: bool, protected: list[Path] = (), allow_cache: bool = False,
+                 file: bool = False) -> None:
     """Refuse an OUT that exists and is not empty (unless ``force``), that holds an input, or where
     nothing can be written.
 
     An OUT inside tokenbridge's cache is refused too (a cached conversion would silently resolve to
-    another model); only the cache's own writers pass ``allow_cache``.
+    another model); only the cache's own writers pass ``allow_cache``.  ``file``: OUT is one file
+    (a ``.gguf``): an existing file is replaced only with ``force``, a directory never.
     """
     given = Path(out)
     out = publish_path(given)
@@ -175,7 +177,12 @@ def check_output(out: Path, force: bool, protected: list[Path] = (), allow_cache
         path = Path(path).resolve()
         if resolved == path or resolved in path.parents:
             raise TokenbridgeError(f"{given}: the output would overwrite an input ({path})")
-    if out.exists():
+    if file and out.exists():
+        if out.is_dir():
+            raise TokenbridgeError(f"{given}: is a directory; OUT is one file")
+        if not force:
+            raise TokenbridgeError(f"{given}: exists (pass --force to replace it)")
+    elif out.exists():
         if not out.is_dir():
             raise TokenbridgeError(f"{given}: exists and is not a directory")
         if any(out.iterdir()) and not force:
@@ -308,11 +315,17 @@ def staged_output(out: Path, force: bool, manifest: bool = False):
 
 
 @contextlib.contextmanager
-def staged_file(out: Path):
-    """Yield a temp file path beside ``out`` (same suffix); on success it replaces ``out``."""
+def staged_file(out: Path, force: bool = True):
+    """Yield a temp file path beside ``out`` (same suffix); on success it replaces ``out``.
+
+    Missing parents are created.  Without ``force`` an ``out`` that appeared while writing is not replaced.
+    """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     sweep_orphans(out.parent)
     tmp = temp_file(out.parent, out.name, suffix="".join(out.suffixes[-1:]))
     with _removed_on_failure(tmp, out):
         yield tmp
+        if not force and os.path.lexists(out):
+            raise TokenbridgeError(f"{out}: appeared while writing (pass --force to replace it)")
         os.replace(tmp, out)
