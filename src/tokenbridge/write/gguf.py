@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TokenbridgeError
+from .copy import copy_span
 
 ALIGNMENT = 32
 PROVENANCE_KEY = "tokenbridge.provenance"  # a transplant's tokenbridge.json, in the file it wrote
-COPY_CHUNK = 16 * 1024 * 1024
 # The types tokenbridge offers for a model's weights, best first: those gguf-py can quantise to (it
 # dequantises many more).  The ternary TQ1_0/TQ2_0 and MXFP4 it also writes are for models trained
 # for them, not for the weights of an ordinary model.
@@ -253,16 +253,7 @@ def write_gguf(path: Path, metadata: list[tuple[str, bytes]], tensors: list[GGUF
 
 def _write_data(out, tensor: GGUFTensor) -> None:
     if isinstance(tensor.data, FileSpan):
-        span = tensor.data
-        with open(span.path, "rb") as source:
-            source.seek(span.offset)
-            left = span.nbytes
-            while left:
-                block = source.read(min(COPY_CHUNK, left))
-                if not block:
-                    raise TokenbridgeError(f"{span.path}: truncated while copying {tensor.name}")
-                out.write(block)
-                left -= len(block)
+        copy_span(tensor.data.path, tensor.data.offset, tensor.data.nbytes, out, tensor.name)
         return
     data = np.ascontiguousarray(tensor.data())
     if data.nbytes != tensor.nbytes:

@@ -16,8 +16,7 @@ from typing import BinaryIO
 import torch
 
 from ..load.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorEntry
-
-COPY_CHUNK = 16 * 1024 * 1024
+from .copy import copy_span
 
 
 @dataclass
@@ -47,15 +46,7 @@ class OutTensor:
 
     def write_to(self, handle: BinaryIO) -> None:
         if self.source is not None:
-            with open(self.source.file, "rb") as src:
-                src.seek(self.source.start)
-                left = self.source.nbytes
-                while left:
-                    block = src.read(min(COPY_CHUNK, left))
-                    if not block:
-                        raise OSError(f"{self.source.file}: ended early while copying {self.name}")
-                    handle.write(block)
-                    left -= len(block)
+            copy_span(self.source.file, self.source.start, self.source.nbytes, handle, self.name)
         elif self.nbytes:
             handle.write(memoryview(self.value.reshape(-1).view(torch.uint8).numpy()))
 
