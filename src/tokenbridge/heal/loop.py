@@ -187,13 +187,13 @@ def save_checkpoint(directory: Path, step: int, module, optimizer, config, repor
     the main process calls this.
     """
     final = directory / f"step-{step:08d}"
+    run = {"format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "fingerprint": config.fingerprint(),
+           "config": asdict(config), "inputs": inputs, "report": report.to_dict()}
     if _sharded(module):
         from . import shard
 
-        state = {"format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "fingerprint": config.fingerprint(),
-                 "config": asdict(config), "inputs": inputs, "sharded": _world(),
-                 "param_names": _trained_names(module), "report": report.to_dict()}
-        shard.save(final, module, optimizer, state, is_main)
+        shard.save(final, module, optimizer, dict(run, sharded=_world(), param_names=_trained_names(module)),
+                   is_main)
         if is_main:
             _drop_older(directory, final)
         return final
@@ -209,11 +209,9 @@ def save_checkpoint(directory: Path, step: int, module, optimizer, config, repor
                 else:
                     scalars[f"{index}.{key}"] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({
-            "format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "fingerprint": config.fingerprint(),
-            "config": asdict(config), "inputs": inputs, "param_groups": state["param_groups"],
-            "optimizer_scalars": scalars, "param_names": _optimizer_param_names(module, optimizer),
-            "report": report.to_dict()}, indent=1))
+        (tmp / "state.json").write_text(json.dumps(dict(
+            run, param_groups=state["param_groups"], optimizer_scalars=scalars,
+            param_names=_optimizer_param_names(module, optimizer)), indent=1))
     _drop_older(directory, final)
     return final
 
@@ -359,9 +357,7 @@ def run_steps(accelerator, module, optimizer, config, task: Task, report, *, sta
     world, rank = accelerator.num_processes, accelerator.process_index
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     balanced = getattr(config, "balance", "sum") == "gradmag"
-    sharded = _sharded(module)
-    if sharded and balanced:
-        raise TokenbridgeError("--balance gradmag cannot run with --fsdp (it takes each term's gradient apart)")
+    sharded = _sharded(module)  # heal refuses --balance gradmag with --fsdp before it loads anything
     bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step",
                disable=not progress or not accelerator.is_main_process)
     for step in range(start, config.steps):

@@ -465,7 +465,7 @@ def heal(student: Path, texts: list[Path], out: Path, config: HealConfig, teache
     written = out
     student_model = accelerator.unwrap_model(module).student
     if fsdp:  # every process sends its shards; the main process writes an unsharded copy
-        student_model = _gathered(module, student_dir, config, allow_pickle, accelerator.is_main_process)
+        student_model = _gathered(module, student_dir, config, accelerator.is_main_process)
     if accelerator.is_main_process:
         written = _write_model(finished_model(student_model), tokenizer, student_dir, out, force, report)
     accelerator.wait_for_everyone()
@@ -481,7 +481,7 @@ def _check_shardable(config: HealConfig) -> None:
         raise TokenbridgeError("--fsdp cannot run --balance gradmag (it takes each term's gradient apart)")
 
 
-def _gathered(module, student_dir: Path, config: HealConfig, allow_pickle: bool, is_main: bool):
+def _gathered(module, student_dir: Path, config: HealConfig, is_main: bool):
     """A sharded run's student, whole, on the main process (None elsewhere): the student's shapes with the
     same trainable structure (LoRA adapters included), built on the meta device and given the gathered
     tensors themselves, so the main process holds the model once."""
