@@ -10,11 +10,11 @@ from transformers import AutoTokenizer
 
 from tokenbridge.align.encode import ByteEncoder
 from tokenbridge.align.token_bytes import vocabulary
-from tokenbridge.auto import split_text
+from tokenbridge.adapt.select import split_text
 from tokenbridge.cli import main
 from tokenbridge.explain import explain
 from tokenbridge.measure.bpb import evaluate
-from tokenbridge.pipeline import transplant
+from tokenbridge.api import transplant
 
 
 def run(capsys, *args):

@@ -5,7 +5,7 @@ from .export import export_gguf
 from .init import available_methods
 from .load.gguf import convert_gguf as convert
 from .report import TransplantReport
-from .pipeline import transplant
+from .api import transplant
 
 __version__ = "0.1.0"
 __all__ = ["TokenbridgeError", "TransplantReport", "available_methods", "convert", "export_gguf", "transplant",

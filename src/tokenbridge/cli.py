@@ -120,7 +120,7 @@ def cmd_transplant(args) -> int:
 
 
 def _transplant_and_print(args, source, target, out, extra: dict | None = None) -> int:
-    from .pipeline import transplant
+    from .api import transplant
 
     out, report = transplant(
         source, target, out, method=args.method, options=_options(args.option),
@@ -327,7 +327,7 @@ def cmd_generate(args) -> int:
 def cmd_methods(args) -> int:
     import dataclasses
 
-    from .auto import AutoMethodConfig
+    from .adapt.select import AutoMethodConfig
     from .init import available_methods
 
     rows = {name: (m.summary, m.config_cls) for name, m in available_methods().items()}
@@ -544,6 +544,33 @@ def cmd_heal(args) -> int:
               f"{last['step']}" + (f" (curve: {Path(out) / 'heal-eval.png'})"
                                    if report.steps_done == report.config['steps'] else ""))
     return code
+
+
+def cmd_adapt(args) -> int:
+    from pathlib import Path
+
+    from .adapt import AdaptConfig, adapt
+    from .adapt.report import format_markdown
+
+    config = AdaptConfig(tokenizer=args.tokenizer or "", method=args.method, options=_options(args.option),
+                         heal_minutes=args.heal_minutes, heal_steps=args.heal_steps, heal_mode=args.heal_mode,
+                         heal_batch_size=args.heal_batch_size, heal_window=args.heal_window,
+                         heal_lr=args.heal_lr or 0.0, checkpoint_every=args.checkpoint_every,
+                         eval=list(args.eval or []), eval_window=args.eval_window, seed=args.seed)
+
+    def say(line: str) -> None:  # --quiet keeps only why a stage runs again
+        if not args.quiet or ": running again: " in line:
+            print(line, file=sys.stderr, flush=True)
+
+    report = adapt(args.model, [Path(p) for p in args.text], Path(args.out), config, resume=args.resume,
+                   force=args.force, progress=not args.quiet, allow_pickle=args.allow_pickle, say=say)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(format_markdown(report))
+        print(f"wrote {args.out} (the healed model, report.md, report.json, "
+              f"{', '.join(report['plots'].values())}); stages in {report['work']}")
+    return 0
 
 
 def _window_flags(parser) -> None:
@@ -777,6 +804,55 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_pickle_flag(p)
     _output_flags(p)
     p.set_defaults(func=cmd_heal)
+
+    p = sub.add_parser(
+        "adapt", help="one command: a tokenizer for your text, transplant, heal and measure, with a report",
+        description="Move MODEL onto a tokenizer made for your text, heal it against the original, and measure "
+                    "what it bought.  Stages (each writes to OUT.work/, the plan first, in OUT.work/plan.json): "
+                    "split (without --eval the last 10% of each text, at most 1 MiB, is held out and never "
+                    "trained on), tokenizer, select (--method auto: the best method on a slice of the training "
+                    "text; or transplant), heal, measure, report.  OUT is the healed model with report.md, "
+                    "report.json and PNG plots: tokens per file before and after, bits per byte of the original, "
+                    "the zero-shot transplant and the healed model, the heal curve, time and peak memory per "
+                    "stage, and a one-line verdict.  --resume continues a stopped run: stages whose inputs are "
+                    "unchanged are skipped (the reason is printed for those that run again), heal resumes from "
+                    "its checkpoint.",
+        epilog="example: tokenbridge adapt packaged:smollm2 --text my.txt --out my-model --tokenizer train:32768 "
+               "--heal-minutes 60")
+    p.add_argument("model", metavar="MODEL", help="model directory, .gguf file, or packaged:NAME")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="your UTF-8 text files")
+    p.add_argument("--out", required=True, metavar="OUT", help="the final model directory (work in OUT.work)")
+    p.add_argument("--tokenizer", metavar="SPEC", default=None,
+                   help="train:N (N tokens trained on the text, in the model tokenizer's style), extend:N (the "
+                        "model's tokenizer plus up to N tokens), or a tokenizer PATH (default: train: the model "
+                        "tokenizer's size)")
+    p.add_argument("--method", default="auto", help="initialisation of the new rows (default auto: every method the "
+                                                    "options allow is tried; see `tokenbridge methods`)")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--heal-minutes", type=POSITIVE_FLOAT, default=30.0,
+                   help="heal time budget in minutes (default 30), turned into a step count by timing a few steps "
+                        "(held-out scoring during the heal comes on top)")
+    p.add_argument("--heal-steps", type=POSITIVE, default=None, metavar="N",
+                   help="heal exactly N steps instead of a time budget (reproducible)")
+    p.add_argument("--heal-mode", default="alm", metavar="MODE", help="the heal loss (default alm; see tokenbridge heal --help)")
+    p.add_argument("--heal-batch-size", type=POSITIVE, default=4, metavar="B", help="windows per heal step (default 4)")
+    p.add_argument("--heal-window", type=_number(True, low=16), default=1024, metavar="BYTES",
+                   help="bytes per heal training window (default 1024)")
+    p.add_argument("--heal-lr", type=POSITIVE_FLOAT, default=None, help="heal peak learning rate (default: by "
+                                                                        "what trains, as tokenbridge heal)")
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="heal checkpoint every N steps (0: a tenth of the steps)")
+    p.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files to measure on (default: the last part "
+                                                           "of each --text, which is then not trained on)")
+    p.add_argument("--eval-window", type=_number(True, low=4), default=2048, metavar="BYTES",
+                   help="window of the bits-per-byte measurements (default 2048)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT.work: skip stages whose inputs are unchanged")
+    p.add_argument("--force", action="store_true", help="replace OUT and start OUT.work over")
+    _allow_pickle_flag(p)
+    _output_flags(p)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("hypernet", help="train a hypernetwork that predicts a model's embeddings for any tokenizer")
     hyper = p.add_subparsers(dest="hypernet_command", required=True, parser_class=Parser)

@@ -335,11 +335,15 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
                progress: bool = True, gguf_type: str | None = None) -> tuple[Path, TransplantReport]:
     """Give the model at ``source`` the tokenizer at ``target_tokenizer``; write it to ``out``.
 
-    Returns the written directory (or file) and a :class:`TransplantReport`.  ``method="auto"`` tries
-    the methods the options allow and keeps the best on held-out text (:mod:`tokenbridge.auto`).  An
-    ``out`` ending in ``.gguf`` is one GGUF file (:mod:`tokenbridge.transplant_gguf`); ``gguf_type``
-    is then the type of its embedding and output matrices.
+    Returns the written directory (or file) and a :class:`TransplantReport`.  One named method only:
+    ``method="auto"`` (method selection) is the planner's, above the pipeline: call
+    :func:`tokenbridge.transplant` (:mod:`tokenbridge.api`) for it.  An ``out`` ending in ``.gguf`` is
+    one GGUF file (:mod:`tokenbridge.transplant_gguf`); ``gguf_type`` is then the type of its embedding
+    and output matrices.
     """
+    if method == "auto":
+        raise TokenbridgeError("method 'auto' chooses among methods above the pipeline: call tokenbridge.transplant "
+                               "(tokenbridge.api), not tokenbridge.pipeline.transplant")
     seed = checks.seed(seed)
     if Path(out).suffix == ".gguf":
         from .transplant_gguf import transplant_to_gguf
@@ -348,10 +352,6 @@ def transplant(source, target_tokenizer, out, method: str = "subword", options: 
                                   allow_pickle, progress)
     if gguf_type is not None:
         raise TokenbridgeError("--gguf-type applies only to a .gguf OUT")
-    if method == "auto":
-        from .auto import auto_transplant
-
-        return auto_transplant(source, target_tokenizer, out, options, seed, force, allow_pickle, progress)
     started = time.perf_counter()
     source, target_path, out = Path(source), Path(target_tokenizer), Path(out)
     for path in (source, target_path):

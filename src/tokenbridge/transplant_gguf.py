@@ -126,9 +126,14 @@ def _check_vocab_tensors(header, rows: int) -> None:
 
 
 def transplant_to_gguf(source, target, out, method: str, options: dict | None, seed: int, force: bool,
-                       gguf_type: str | None, allow_pickle: bool = False,
-                       progress: bool = True) -> tuple[Path, TransplantReport]:
-    """:func:`tokenbridge.pipeline.transplant` with a ``.gguf`` OUT (see the module)."""
+                       gguf_type: str | None, allow_pickle: bool = False, progress: bool = True,
+                       directory_transplant=None) -> tuple[Path, TransplantReport]:
+    """:func:`tokenbridge.pipeline.transplant` with a ``.gguf`` OUT (see the module).
+
+    ``directory_transplant``: what makes the model directory that a directory SOURCE's GGUF is exported
+    from (default :func:`tokenbridge.pipeline.transplant`; :mod:`tokenbridge.api` passes its own, which
+    knows ``auto``).
+    """
     from .write.output_dir import check_output
 
     source, target, out = Path(source), Path(target), Path(out)
@@ -138,7 +143,8 @@ def transplant_to_gguf(source, target, out, method: str, options: dict | None, s
     requested = gw.parse_type(gguf_type, "--gguf-type") if gguf_type is not None else None
     check_output(out, force, protected=[source, target], file=True)
     if source.is_dir():
-        return _from_directory(source, target, out, method, options, seed, force, gguf_type, allow_pickle, progress)
+        return _from_directory(source, target, out, method, options, seed, force, gguf_type, allow_pickle, progress,
+                               directory_transplant)
     if source.suffix != ".gguf":
         raise TokenbridgeError(f"{source}: expected a model directory or a .gguf file")
     if method == "auto":
@@ -147,11 +153,14 @@ def transplant_to_gguf(source, target, out, method: str, options: dict | None, s
     return _from_gguf(source, target, out, method, options, seed, force, requested, progress)
 
 
-def _from_directory(source, target, out, method, options, seed, force, gguf_type, allow_pickle, progress):
+def _from_directory(source, target, out, method, options, seed, force, gguf_type, allow_pickle, progress,
+                    transplant=None):
     from .arch import gguf_spec
     from .export import check_config, export_gguf
     from .load.hf import load_config
-    from .pipeline import transplant
+
+    if transplant is None:
+        from .pipeline import transplant
     from .write.output_dir import publish_path, sweep_orphans, temp_dir
 
     # what export would refuse is refused before the transplant, not after it

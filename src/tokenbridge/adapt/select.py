@@ -1,4 +1,8 @@
-"""Method ``auto``: try every method the given resources allow, keep the best by bits per byte.
+"""Method selection (``--method auto``, and ``tokenbridge adapt``'s ``select`` stage): try every method the
+given resources allow, keep the best by bits per byte.
+
+Choosing a method is planning, not initialisation: this module sits above the pipeline and calls it;
+the pipeline never imports it (``tokenbridge.transplant`` -- :mod:`tokenbridge.api` -- routes ``auto`` here).
 
 The user's text (``-o text=FILE[,FILE...]``) is split: its last ``holdout_bytes`` bytes
 score the candidates, the rest is what methods that train on text (``focus``) read when
@@ -18,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TokenbridgeError
-from .init.registry import available_methods, make_config, required_resources
-from .init.resources import read_text_files
-from .measure.texts import read_text
+from ..errors import TokenbridgeError
+from ..init.registry import available_methods, make_config, required_resources
+from ..init.resources import read_text_files
+from ..measure.texts import read_text
 
 MIN_HOLDOUT = 1024
 
@@ -103,11 +107,11 @@ def plan_candidates(passed: dict, wanted: list[str], train_file: Path | None) ->
 
 def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: int, force: bool,
                     allow_pickle: bool, progress: bool):
-    from .load.model import resolve_source
-    from .measure.bpb import evaluate
-    from .pipeline import transplant
-    from .report import peak_rss_mb
-    from .write.output_dir import check_output, staged_output, temp_dir
+    from ..load.model import resolve_source
+    from ..measure.bpb import evaluate
+    from ..pipeline import transplant
+    from ..report import peak_rss_mb
+    from ..write.output_dir import check_output, staged_output, temp_dir
 
     started = time.perf_counter()
     source, target_tokenizer, out = Path(source), Path(target_tokenizer), Path(out)
@@ -177,7 +181,7 @@ def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: i
 
 
 def make_config_auto(options: dict) -> AutoMethodConfig:
-    from .init.registry import Method
+    from ..init.registry import Method
 
     return make_config(Method("auto", None, AutoMethodConfig, ""), options)
 
