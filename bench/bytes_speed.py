@@ -9,6 +9,9 @@ boundary) it measures:
 * token-level scoring (``tokenbridge eval``'s Scorer) of the slice: seconds, tokens;
 * exact byte-level scoring (``ByteLM.byte_logprobs``): seconds, tokens run through the model, and the
   canonical-encoding check (the engine's encoding of the slice equals the tokenizer's);
+* the floor (issue 20): one plain forward pass over a random token sequence as long as the slice has bytes
+  (one token per byte position, as the tree has one node per byte), in one pass like the tree's, the
+  output head applied in the same chunks (``TokenTree.head``); goal: byte-level scoring within 1.25x of it;
 * greedy byte-by-byte generation from the slice's first 200 bytes: bytes/s and forward passes per byte;
 * bits per byte: token level, exact byte level, and the byte-level ensemble of the two models (equal
   weights) on the same slice.
@@ -40,6 +43,21 @@ def slice_of(name: str, size: int, start: int = 20000) -> bytes:
     return data[start:_boundary_at_or_before(data, start + size)]
 
 
+def floor_seconds(lm: ByteLM, length: int, seed: int = 0) -> float:
+    """Seconds of a plain forward pass over ``length`` random tokens, then the output head on every position
+    in the ByteLM's chunks: what exact byte-level scoring cannot go below (one node per byte)."""
+    model = lm.model
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, length), generator=generator)
+    body = model.model if hasattr(model, "model") else model.transformer
+    started = time.perf_counter()
+    with torch.inference_mode():
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
+        for start in range(0, length, lm.chunk):
+            lm.tree.head(hidden[start:start + lm.chunk])
+    return time.perf_counter() - started
+
+
 def measure(label: str, path: str, texts: dict[str, bytes], generate_bytes: int) -> dict:
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(resolve(path))
@@ -65,6 +83,8 @@ def measure(label: str, path: str, texts: dict[str, bytes], generate_bytes: int)
         row["byte_forward_tokens"] = lm.tree.tokens - before
         row["byte_bpb"] = -float(per_byte.sum()) / math.log(2) / len(data)
         row["byte_over_token_time"] = row["byte_seconds"] / row["token_seconds"]
+        row["floor_seconds"] = floor_seconds(lm, len(data))
+        row["byte_over_floor"] = row["byte_seconds"] / row["floor_seconds"]
         row["per_byte_logprobs"] = per_byte.tolist()
         # generation: greedy, byte by byte, from the first 200 bytes
         prompt = data[:_boundary_at_or_before(data, 200)]
@@ -89,7 +109,8 @@ def measure(label: str, path: str, texts: dict[str, bytes], generate_bytes: int)
         out["texts"][name] = row
         print(f"{label:8s} {name:5s} bytes {len(data):5d} tokens {token.tokens:4d} "
               f"token {row['token_seconds']:6.2f}s  byte {row['byte_seconds']:6.2f}s "
-              f"(x{row['byte_over_token_time']:.2f}, {row['byte_forward_tokens']} tokens run)  "
+              f"(x{row['byte_over_token_time']:.2f}, {row['byte_forward_tokens']} tokens run; floor "
+              f"{row['floor_seconds']:.2f}s, x{row['byte_over_floor']:.2f})  "
               f"BPB tok {row['token_bpb']:.4f} byte {row['byte_bpb']:.4f}  canonical {row['canonical_matches_tokenizer']}  "
               f"gen {row['generate_bytes_per_second']:.1f} B/s, {row['generate_forward_passes_per_byte']:.2f} passes/B",
               flush=True)
@@ -103,13 +124,13 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=64)
     parser.add_argument("--langs", nargs="+", default=list(SLICES))
     parser.add_argument("--out", default="bench/bytes_speed.json")
+    parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"], choices=["smollm2", "gemma3"])
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     texts = {name: slice_of(name, args.bytes) for name in args.langs}
-    results = [measure("smollm2", "packaged:smollm2", texts, args.generate),
-               measure("gemma3", "packaged:gemma3", texts, args.generate)]
+    results = [measure(name, f"packaged:{name}", texts, args.generate) for name in args.models]
     ensemble = {}
-    for name, data in texts.items():
+    for name, data in texts.items() if len(results) == 2 else ():
         rows = [np.array(r["texts"][name]["per_byte_logprobs"]) for r in results]
         mixed = np.logaddexp(np.log(0.5) + rows[0], np.log(0.5) + rows[1])
         ensemble[name] = {

@@ -128,3 +128,87 @@ def test_eval_cli_json(models_dir, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["files"][0]["bytes"] <= 1000 and data["files"][0]["windows"] >= 4
     assert data["bits_per_byte"] > 0
+
+
+def full_logits_nll(model, sequence: list[int]) -> float:
+    """The plain way: the model's whole logits for one window, log_softmax in float64, the targets gathered."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].double(), dim=-1)
+    return -float(logprobs[torch.arange(len(sequence) - 1), torch.tensor(sequence[1:])].sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3", "gpt2"])
+def test_chunked_head_equals_full_logits(models_dir, family):
+    """The body-then-head-in-chunks path equals a full-logits log_softmax, for windows of unequal length
+    (some needing several chunks, two of equal length sharing a batch), and so does the model's own forward."""
+    from tokenbridge.measure.bpb import split_head
+
+    directory = models_dir[family]
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 3.0  # the soft-capped head is applied chunk by chunk too
+    texts = [corpus("en", 100 * i, 30 + 70 * i) for i in range(5)] + [corpus("de", 0, 5), corpus("en", 200, 240)]
+    scorer = Scorer(model, tokenizer, logits_budget=7 * len(tokenizer))  # 7 rows of logits at a time
+    assert scorer.split is not None
+    sequences = scorer.encode(texts)
+    sequences.append(list(sequences[2]))  # equal lengths: one forward pass for both
+    assert max(len(s) for s in sequences) > 3 * 7
+    expected = [full_logits_nll(model, s) for s in sequences]
+    assert scorer.nll(sequences) == pytest.approx(expected, rel=1e-5)
+    scorer.batch_tokens = 1  # every window alone
+    assert scorer.nll(sequences) == pytest.approx(expected, rel=1e-5)
+    assert (scorer.lean is not None) == (family in ("llama", "qwen2", "mistral"))
+    scorer.lean = None  # transformers' body, then the head in chunks
+    assert scorer.nll(sequences) == pytest.approx(expected, rel=1e-5)
+    scorer.split = None  # the model's own forward, its logits taken 7 rows at a time
+    assert scorer.nll(sequences) == pytest.approx(expected, rel=1e-5)
+    body, head, softcap = split_head(model)
+    assert head is model.get_output_embeddings() and (softcap == 3.0) == (family == "gemma3")
+
+
+def test_wrapped_or_unknown_models_use_their_own_forward(models_dir):
+    from tokenbridge.measure.bpb import split_head
+
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir["llama"]))
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # not a plain head any more
+    assert split_head(model) is None
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir["llama"]))
+    model.config.model_type = "granite"  # a head that scales its logits: not split
+    assert split_head(model) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_lean_body_equals_transformers(models_dir, family):
+    """The lean Llama-family body gives transformers' hidden states, batched or not, biases included."""
+    from tokenbridge.measure.lean import lean_body
+
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir[family])).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    lean = lean_body(model)
+    assert lean is not None
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    with torch.inference_mode():
+        expected = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        assert torch.allclose(lean(ids), expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(lean(ids[1:2, :17]), expected[1:2, :17], rtol=1e-5, atol=1e-5)
+
+
+def test_lean_body_refuses_what_it_does_not_reproduce(models_dir):
+    from tokenbridge.measure.lean import lean_body
+
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir["llama"]))
+    model.config.hidden_act = "gelu"
+    assert lean_body(model) is None
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir["mistral"]))
+    model.config.sliding_window = 16
+    assert lean_body(model) is None
+    model = AutoModelForCausalLM.from_pretrained(str(models_dir["llama"]))
+    model.model.layers[0].mlp.up_proj = torch.nn.Sequential(model.model.layers[0].mlp.up_proj)
+    assert lean_body(model) is None
+    for family in ("gemma3", "gpt2"):
+        assert lean_body(AutoModelForCausalLM.from_pretrained(str(models_dir[family]))) is None

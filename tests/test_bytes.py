@@ -362,3 +362,40 @@ def test_cli_bytes_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
     assert error.startswith("tokenbridge: error:") and "WordPiece" in error
     assert main(["bytes", "score", str(wordpiece), str(wordpiece), "--weights", "1", "--text", str(text)]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["byte_level", "metaspace"])
+def test_vocabulary_work_in_blocks_is_exact(request, which, monkeypatch):
+    """The per-node vocabulary work (batched torch ops over head chunks and row blocks) does not depend on
+    how the nodes are grouped: one node at a time gives the same per-byte log-probabilities."""
+    import tokenbridge.bytes.lm as lm_module
+
+    lm, _, _ = request.getfixturevalue(which)
+    data = corpus("de", 300, 80).encode() + "中.".encode()
+    grouped = lm.byte_logprobs(data)
+    chunk = lm.chunk
+    try:
+        lm.chunk = 5
+        monkeypatch.setattr(lm_module, "VOCAB_ROWS", 2)
+        assert lm.byte_logprobs(data) == pytest.approx(grouped, abs=1e-12)
+        lm.chunk = 1
+        monkeypatch.setattr(lm_module, "VOCAB_ROWS", 1)
+        assert lm.byte_logprobs(data) == pytest.approx(grouped, abs=1e-12)
+    finally:
+        lm.chunk = chunk
+
+
+@pytest.mark.parametrize("which", ["byte_level", "metaspace"])
+def test_attention_in_query_blocks_is_exact(request, which, monkeypatch):
+    """A large tree pass runs its attention a few queries at a time against the keys up to each block: the
+    per-byte log-probabilities are those of the one-call attention."""
+    import tokenbridge.bytes.tree as tree_module
+
+    lm, _, _ = request.getfixturevalue(which)
+    data = corpus("en", 500, 70).encode() + "ä中".encode()
+    monkeypatch.setattr(tree_module, "QUERY_BLOCK", 10 ** 6)
+    whole = lm.byte_logprobs(data)
+    monkeypatch.setattr(tree_module, "QUERY_BLOCK", 3)
+    assert lm.byte_logprobs(data) == pytest.approx(whole, abs=1e-12)
+    cursor = lm.cursor(data[:40])  # blocks over a pass on top of a cache too
+    assert cursor.distribution()[data[40]] == pytest.approx(whole[40], abs=1e-9)

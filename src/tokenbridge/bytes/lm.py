@@ -46,6 +46,7 @@ from .tree import TokenTree, TreeNode
 
 EOS = 256  # index of the end-of-text outcome in a next-byte distribution
 COLUMNS = 8  # byte columns kept as an array; deeper offsets are read from the bytes
+VOCAB_ROWS = 16  # nodes whose next-token probabilities are computed together (their arrays stay in cache)
 
 
 class SortedVocab:
@@ -130,7 +131,7 @@ class CanonicalPrefixes:
     def __init__(self, tokenizer, rows: int | None = None, prefix: str = "auto"):
         self.tokenizer = tokenizer
         vocabulary = token_vocabulary(tokenizer)
-        self.canon = Canon(vocabulary, rows if rows is not None else len(vocabulary))
+        self.canon = Canon(vocabulary, rows if rows is not None else len(vocabulary), cache=True)
         self.table = SortedVocab(self.canon)
         self.prefix_id, self.prefix = prefix_token(tokenizer, prefix)
 
@@ -218,6 +219,11 @@ class ByteLM(CanonicalPrefixes):
             raise TokenbridgeError("the tokenizer has no EOS token, so the end of a text has no probability")
         self.chunk = max(1, (1 << 25) // self.canon.size)  # head rows per batch (~256 MB of float64 logits)
         self._hidden: dict[int, torch.Tensor] = {}
+        self._sorted_ids = torch.from_numpy(np.ascontiguousarray(self.table.ids, dtype=np.int64))
+        others = np.ones(self.canon.size, dtype=bool)
+        others[self.table.ids] = False
+        self._other_ids = torch.from_numpy(np.flatnonzero(others))  # outside the sorted table: only in the sum
+        self._invalid: dict[State, torch.Tensor] = {}
         self._children: dict[int, list[_Node]] = {}
 
     # ----- the model -------------------------------------------------------------------------------------------
@@ -248,29 +254,60 @@ class ByteLM(CanonicalPrefixes):
             if node.parent is not None:
                 self._children.setdefault(id(node.parent), []).append(node)
 
-    def _probabilities(self, node: _Node, logits: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits, dim=-1).numpy()
-        probs = np.exp(logp[self.table.ids])
-        probs *= self.canon.valid(node.state)[self.table.ids]
-        node.probs = probs
-        node.total = float(probs.sum())
-        node.eos = math.exp(float(logp[self.eos_id])) if self.canon.can_end(node.state) else 0.0
+    def _sorted_invalid(self, state: State) -> torch.Tensor:
+        """Which tokens would break canonicity after ``state``, in sorted-vocabulary order (cached per state)."""
+        mask = self._invalid.get(state)
+        if mask is None:
+            mask = torch.from_numpy(~self.canon.valid(state)[self.table.ids])
+            if len(self._invalid) > 256:
+                self._invalid.pop(next(iter(self._invalid)))
+            self._invalid[state] = mask
+        return mask
+
+    def _probabilities(self, nodes: list[_Node], logits: torch.Tensor) -> np.ndarray:
+        """Next-token probabilities of a chunk of nodes from their logits (rows), as batched torch ops: in
+        sorted-vocabulary order, float64, the tokens that break canonicity zeroed.  Sets each node's ``total``
+        (of the valid ones) and ``eos``.
+
+        ``p = exp(x - max) / sum(exp(x - max))`` over the whole vocabulary, in float64; the sorted usable
+        tokens are gathered first, so the sum is theirs plus the few others'."""
+        probs = torch.empty((len(nodes), self.table.size), dtype=torch.float64)
+        totals, eos = [], []
+        for start in range(0, len(nodes), VOCAB_ROWS):  # a few rows at a time: every pass stays in cache
+            rows = logits[start:start + VOCAB_ROWS]
+            block = probs[start:start + VOCAB_ROWS]
+            top = rows.amax(dim=1, keepdim=True)
+            block.copy_(rows.index_select(1, self._sorted_ids)).sub_(top).exp_()
+            mass = block.sum(dim=1)
+            if self._other_ids.numel():
+                mass += rows.index_select(1, self._other_ids).double().sub_(top).exp_().sum(dim=1)
+            eos += ((rows[:, self.eos_id].double() - top[:, 0]).exp_() / mass).tolist()
+            block.div_(mass[:, None])
+            block.masked_fill_(torch.stack([self._sorted_invalid(node.state)
+                                            for node in nodes[start:start + VOCAB_ROWS]]), 0.0)
+            totals += block.sum(dim=1).tolist()
+        for node, total, end in zip(nodes, totals, eos):
+            node.total = total
+            node.eos = end if self.canon.can_end(node.state) else 0.0
+        return probs.numpy()
 
     def _evaluate(self, nodes: list[_Node], keep=lambda node: True, visit=None) -> None:
         """Forward pass for new nodes, then their next-token distributions, chunk by chunk."""
         self._run(nodes)
         pending = [node for node in nodes if node.probs is None and id(node) in self._hidden]
+        position = self.table.position
         for start in range(0, len(pending), self.chunk):
             chunk = pending[start:start + self.chunk]
-            logits = self.tree.head(torch.stack([self._hidden[id(node)] for node in chunk]))
-            for node, row in zip(chunk, logits):
-                self._probabilities(node, row)
+            logits = self.tree.head_logits(torch.stack([self._hidden[id(node)] for node in chunk]))
+            rows = self._probabilities(chunk, logits)
+            del logits
+            for node, row in zip(chunk, rows):
+                node.probs = row
                 for child in self._children.get(id(node), ()):
-                    child.logp = node.logp + _log(node.probs[self.table.position[child.token]])
+                    child.logp = node.logp + _log(row[position[child.token]])
                 if visit is not None:
                     visit(node)
-                if not keep(node):
-                    node.probs = None
+                node.probs = row.copy() if keep(node) else None  # kept rows do not pin the chunk
         self._hidden = {}
 
     # ----- incremental use ---------------------------------------------------------------------------------

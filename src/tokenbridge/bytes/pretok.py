@@ -273,6 +273,7 @@ class PretokRules:
         self._pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._needs: dict[tuple[str, str], tuple[frozenset, frozenset]] = {}
         self._allowed: dict[frozenset, np.ndarray] = {}
+        self._contexts: dict[tuple, tuple[str, int]] = {}
 
     @staticmethod
     def _lead_key(lead):
@@ -287,11 +288,12 @@ class PretokRules:
         return tuple(self.classes.labels_of(ch) for ch in text[:2]), finished
 
     # ----- one class string ---------------------------------------------------------------------------------
-    def _sets(self, text: str, junction: int) -> tuple[frozenset, frozenset]:
+    def _sets(self, text: str, junction: int, allowed: int = -1) -> tuple[frozenset, frozenset]:
         """(constraints under which the regex cuts at the junction and nowhere inside, ... cuts nowhere inside).
 
         Each constraint is the tuple of labels of the coming characters: the one after
         ``text``, or, when ``text`` ends in an unfinished character, that one and the next.
+        ``allowed``: cuts up to this position are fine (the left token begins there in its context).
         """
         joined, clean = set(), set()
         unfinished = bool(text) and text[-1] in self.classes.unfinished
@@ -301,7 +303,7 @@ class PretokRules:
                 for match in self.regex.finditer(option + follow):
                     cuts.add(match.start())
                     cuts.add(match.end())
-                if any(0 < c < len(option) and c != junction for c in cuts):
+                if any(allowed < c < len(option) and c > 0 and c != junction for c in cuts):
                     continue
                 key = (self.classes.label(option[-1]), index) if unfinished else (index,)
                 clean.add(key)
@@ -309,7 +311,7 @@ class PretokRules:
                     joined.add(key)
         return frozenset(joined), frozenset(clean)
 
-    def _flags(self, text: str, junction: int) -> tuple[bool, bool]:
+    def _flags(self, text: str, junction: int, allowed: int = -1) -> tuple[bool, bool]:
         """Whether ``_sets`` would be non-empty: (joined, clean), stopping at the first witnesses."""
         joined = clean = False
         for option in self.classes.expand(text):
@@ -318,7 +320,7 @@ class PretokRules:
                 for match in self.regex.finditer(option + follow):
                     cuts.add(match.start())
                     cuts.add(match.end())
-                if any(0 < c < len(option) and c != junction for c in cuts):
+                if any(allowed < c < len(option) and c > 0 and c != junction for c in cuts):
                     continue
                 clean = True
                 joined = joined or junction in cuts
@@ -326,56 +328,119 @@ class PretokRules:
                     return True, True
         return joined, clean
 
-    def _for_left(self, left: str) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._pairs.get(left)
+    def _for_left(self, left: str, allowed: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._pairs.get((left, allowed))
         if cached is None:
             joined = np.zeros(len(self.keys), dtype=bool)
             clean = np.zeros(len(self.keys), dtype=bool)
             for k, right in enumerate(self.keys):
                 if right:
-                    joined[k], clean[k] = self._flags(left + right, len(left) if left else -1)
+                    joined[k], clean[k] = self._flags(left + right, len(left) if left else -1, allowed)
             if len(self._pairs) > 4096:
                 self._pairs.pop(next(iter(self._pairs)))
-            cached = self._pairs[left] = (joined[self.key_of], clean[self.key_of])
+            cached = self._pairs[(left, allowed)] = (joined[self.key_of], clean[self.key_of])
         return cached
 
-    def _left_key(self, a: int) -> str:
-        # only the end of ``a`` can be re-cut by what follows (boundaries move by one character at most)
-        return "" if a < 0 else self.classes.left(self.keys[self.key_of[a]])
+    PREV = 16  # bytes of text before a token kept as its context (fewer: the whole segment so far)
+    CONTEXT = 4  # characters of context kept for a junction
 
-    def _joint(self, a: int, pending: bytes, b: int) -> str:
+    def _pack(self, text: str) -> str:
+        """Runs of one class longer than two as two (digits kept when the regex counts them)."""
+        out = []
+        for ch in text:
+            if len(out) >= 2 and out[-1] == ch and out[-2] == ch and not (self.classes.bounded and
+                                                                           ch == self.classes.digit):
+                continue
+            out.append(ch)
+        return "".join(out)
+
+    def left_context(self, a: int, lead: bytes = b"", prev: bytes = b"") -> tuple[str, int]:
+        """The end of the text up to ``a`` as the regex sees it, and up to where cuts are fine (-1: none).
+
+        The context starts where a regex match starts (found by running the regex over ``prev``, the text
+        before ``a``, and ``a``), so that what follows is matched as it would be in the whole text; without
+        such a start, ``a``'s own last two characters.  ``lead``: the unfinished character ``a`` began
+        inside, so that its first character is known whole.
+        """
+        if a < 0:
+            return "", -1
+        own = self.classes.key(lead + self.bytes[a]) if lead else self.keys[self.key_of[a]]
+        if prev:
+            before = self.classes.string(prev)
+            if any(ord(ch) >= self.classes.PLACEHOLDER for ch in before):
+                before = ""
+            cached = self._contexts.get((before, own, len(prev) < self.PREV))
+            if cached is not None:
+                return cached
+            found = self._context(before, own, len(prev) < self.PREV)
+            if len(self._contexts) > 65536:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[(before, own, len(prev) < self.PREV)] = found
+            return found
+        return self.classes.left(own), -1
+
+    def _context(self, before: str, own: str, whole: bool) -> tuple[str, int]:
+        joined = before + own
+        body = joined.rstrip("".join(self.classes.unfinished)) if self.classes.unfinished else joined
+        starts = [m.start() for m in self.regex.finditer(body or joined)]
+        starts = [p for p in starts if p <= len(before) and (p > 0 or whole)]
+        if not starts or not before:
+            return self.classes.left(own), -1
+        start = starts[-1]
+        head = self._pack(before[start:])
+        context, allowed = head + own, len(head)
+        if len(context) > self.CONTEXT:  # far enough back: what the regex can still re-cut
+            cut = len(context) - self.CONTEXT
+            context, allowed = context[cut:], allowed - cut
+            if allowed <= 0:
+                return self.classes.left(own), -1
+        # literal letters matter only just after an apostrophe
+        text = "".join(self.classes.letter if ch in self.classes.literal and "'" not in context[max(0, k - 2):k]
+                       else ch for k, ch in enumerate(context))
+        return text, allowed
+
+    def _joint(self, a: int, pending: bytes, b: int, lead: bytes = b"") -> str:
         """Class string of ``a`` then ``b`` when ``b`` continues the unfinished character ``pending``."""
-        own = self.bytes[a] if a >= 0 else b""
-        context = own[: max(0, len(own) - len(pending))]
-        return self.classes.string(context + pending + self.bytes[b])
+        text = lead + self.bytes[a] if a >= 0 else b""  # ends in ``pending``
+        if not text.endswith(pending):
+            text = pending
+        return self.classes.string(text + self.bytes[b])
 
-    def pair(self, a: int, pending: bytes, continuation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def pair(self, a: int, pending: bytes, continuation: np.ndarray, lead: bytes = b"",
+             prev: bytes = b"") -> tuple[np.ndarray, np.ndarray]:
         """Per right token: (valid if a merge crosses the junction, valid if none does).
 
         ``a`` is -1 at the start of a BPE segment; ``pending`` is the unfinished character
-        the text ends in (the junction then falls inside it, for tokens that continue it).
+        the text ends in (the junction then falls inside it, for tokens that continue it);
+        ``lead`` the unfinished character that ``a`` itself began inside, ``prev`` the character before ``a``.
         """
-        joined, clean = self._for_left(self._left_key(a))
+        joined, clean = self._for_left(*self.left_context(a, lead, prev))
         if a < 0:
             joined = clean
         if pending:
             joined, clean = joined.copy(), clean.copy()
             for b in continuation:
-                _, clean[b] = self._flags(self._joint(a, pending, int(b)), -1)
+                _, clean[b] = self._flags(self._joint(a, pending, int(b), lead), -1)
                 joined[b] = False
         return joined, clean
 
-    def needs(self, a: int, pending: bytes, b: int, crossed: bool) -> frozenset:
-        """What the characters after ``b`` must look like for the pair ``a b`` to be canonical."""
+    def sets(self, a: int, pending: bytes, b: int, lead: bytes = b"", prev: bytes = b"") -> tuple[frozenset, frozenset]:
+        """(constraints on what follows ``b`` under which the regex cuts at the junction ``a|b`` and nowhere
+        inside, ... cuts nowhere inside); at the start of a segment (``a`` < 0) the junction is always a cut."""
         if pending:
-            return self._sets(self._joint(a, pending, b), -1)[1]
-        key = (self._left_key(a), self.keys[self.key_of[b]])
+            return frozenset(), self._sets(self._joint(a, pending, b, lead), -1)[1]
+        key = (*self.left_context(a, lead, prev), self.keys[self.key_of[b]])
         found = self._needs.get(key)
         if found is None:
-            left, right = key
-            found = self._needs[key] = self._sets(left + right, len(left) if left else -1)
+            left, allowed, right = key
+            found = self._needs[key] = self._sets(left + right, len(left) if left else -1, allowed)
         joined, clean = found
-        return clean if a < 0 or not crossed else joined
+        return (clean, clean) if a < 0 else found
+
+    def needs(self, a: int, pending: bytes, b: int, crossed: bool, lead: bytes = b"", prev: bytes = b"") -> frozenset:
+        """What the characters after ``b`` must look like for the pair ``a b`` to be canonical."""
+        joined, clean = self.sets(a, pending, b, lead, prev)
+        return clean if a < 0 or pending or not crossed else joined
 
     # ----- what may come next --------------------------------------------------------------------------------
     def lead_of(self, pending: bytes, b: int) -> tuple[tuple[frozenset, ...], int]:

@@ -6,7 +6,9 @@ attends to its own ancestors only (a custom 4-D mask), at position = depth, and
 the keys and values of every node stay in one cache ("bag") so later calls
 reuse them.  The model's sliding-window layers get a mask that also drops
 ancestors further back than the window, so every node sees exactly the context
-a plain left-to-right forward over its path would give it.
+a plain left-to-right forward over its path would give it.  With SDPA, a large pass runs its attention a block
+of queries at a time against the keys up to the block's last node (a node's ancestors all come before it), so
+it costs what a causal pass over as many tokens costs, not twice that.
 """
 
 from __future__ import annotations
@@ -17,6 +19,38 @@ import numpy as np
 import torch
 
 from ..errors import TokenbridgeError
+
+
+TREE_ATTENTION = "tokenbridge_tree"
+QUERY_BLOCK = 256  # queries per SDPA call in a large forward pass
+
+
+def _tree_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' SDPA attention, a block of queries at a time, each block against the keys up to its last
+    node only.  Nodes come parents first, so every key a node may see sits in a slot before its own: the keys
+    after a block are masked for all of it, and skipping them (about half the work of a large pass, as a causal
+    kernel skips the upper triangle) changes nothing."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    queries, keys = query.shape[2], key.shape[2]
+    if attention_mask is None or queries <= QUERY_BLOCK:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    offset = keys - queries  # slots cached before this pass
+    outs = []
+    for start in range(0, queries, QUERY_BLOCK):
+        end = min(queries, start + QUERY_BLOCK)
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, :offset + end],
+                                        value[:, :, :offset + end], attention_mask[:, :, start:end, :offset + end],
+                                        **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+def _register_tree_attention() -> None:
+    from transformers import AttentionInterface
+
+    if TREE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(TREE_ATTENTION, _tree_sdpa)
 
 
 @dataclass(eq=False)
@@ -108,10 +142,18 @@ class TokenTree:
         else:
             mask = full
         cache_position = torch.arange(self.size, self.size + len(nodes), device=self.device)
-        with torch.inference_mode():
-            body = self.model.model if hasattr(self.model, "model") else self.model.transformer
-            out = body(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
-                       use_cache=True, cache_position=cache_position)
+        blocks = self.config._attn_implementation == "sdpa"
+        if blocks:
+            _register_tree_attention()
+            self.config._attn_implementation = TREE_ATTENTION
+        try:
+            with torch.inference_mode():
+                body = self.model.model if hasattr(self.model, "model") else self.model.transformer
+                out = body(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache,
+                           use_cache=True, cache_position=cache_position)
+        finally:
+            if blocks:
+                self.config._attn_implementation = "sdpa"
         self.size += len(nodes)
         self.calls += 1
         self.tokens += len(nodes)
@@ -119,9 +161,13 @@ class TokenTree:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output logits (float64) of hidden states, with the model's final soft-capping if it has one."""
+        return self.head_logits(hidden).double()
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` in the model's own dtype (float64 holds every value exactly)."""
         with torch.inference_mode():
             logits = self.model.get_output_embeddings()(hidden)
             cap = getattr(self.config, "final_logit_softcapping", None)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            return logits.double()
+            return logits

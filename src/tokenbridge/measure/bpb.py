@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from ..errors import TokenbridgeError
 from ..load.model import check_context, context_length, load_causal_lm  # noqa: F401 (re-exported)
+from .lean import lean_body
 from .texts import read_text
 
 DEFAULT_WINDOW = 2048
-LOGITS_BUDGET = 1 << 28  # float32 logits elements per batch (1 GiB)
+LOGITS_BUDGET = 1 << 23  # float32 logits elements computed at once (32 MiB)
 
 
 def _boundary_at_or_before(data: bytes, index: int) -> int:
@@ -125,47 +126,117 @@ class EvalResult:
                 "bits_per_byte": self.bits_per_byte, "files": [f.to_dict() for f in self.files]}
 
 
-class Scorer:
-    """Scores windows of text with one causal LM and its tokenizer."""
+# Model types whose causal-LM logits are exactly ``lm_head(base_model(ids).last_hidden_state)``, then (the
+# Gemma 2/3 families) ``final_logit_softcapping`` when the config sets it: the scorer runs the body itself
+# and the head chunk by chunk, so the full-vocabulary logits of a window never exist at once.  Any other model
+# (or a wrapped one: PEFT, FSDP, a replaced head) is scored through its own forward instead.
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2",
+                              "phi3", "olmo2", "smollm3"})
+SOFTCAPPED_TYPES = frozenset({"gemma2", "gemma3_text"})
+BATCH_TOKENS = 4096  # positions per forward pass when several windows have the same length
 
-    def __init__(self, model, tokenizer, prefix: str = "auto", logits_budget: int = LOGITS_BUDGET):
+
+def split_head(model):
+    """``(body, head, softcap)`` when ``model``'s logits are ``head(body(...).last_hidden_state)`` (then
+    soft-capped by ``softcap`` when it is not None), else None."""
+    cls = type(model)
+    if not cls.__module__.startswith("transformers.models.") or not cls.__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    config = model.config
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", model)
+    if type(head) is not torch.nn.Linear or body is model:
+        return None
+    softcap = getattr(config, "final_logit_softcapping", None) if config.model_type in SOFTCAPPED_TYPES else None
+    return body, head, softcap
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = logsumexp(logits[i]) - logits[i, targets[i]]`` (float32), i.e. ``-log_softmax`` at the target."""
+    logits = logits.float()
+    torch.logsumexp(logits, dim=-1, out=out)
+    out.sub_(logits.gather(1, targets[:, None])[:, 0])
+
+
+class Scorer:
+    """Scores windows of text with one causal LM and its tokenizer.
+
+    The Llama family's body runs as :mod:`.lean` (same results, fewer kernels).  Windows are run without
+    padding or attention masks: those of the same token length share a forward pass
+    (at most ``BATCH_TOKENS`` positions), any other one runs alone.  The output head and the log-softmax are
+    applied to at most ``logits_budget`` float32 logits at a time (rows of the batch), and only each target's
+    ``logsumexp - logit`` is kept.
+    """
+
+    def __init__(self, model, tokenizer, prefix: str = "auto", logits_budget: int = LOGITS_BUDGET,
+                 batch_tokens: int = BATCH_TOKENS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefix_id, self.prefix = prefix_token(tokenizer, prefix)
         self.logits_budget = logits_budget
+        self.batch_tokens = batch_tokens
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.context = context_length(model.config)
+        self.split = split_head(model)
+        self.lean = lean_body(model) if self.split is not None else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [[self.prefix_id] + list(ids) for ids in encoded]
 
+    def _batches(self, sequences: list[list[int]]):
+        """Lists of indices of ``sequences``: equal lengths only, longest first."""
+        by_length: dict[int, list[int]] = {}
+        for index, sequence in enumerate(sequences):
+            by_length.setdefault(len(sequence), []).append(index)
+        for length in sorted(by_length, reverse=True):
+            members = by_length[length]
+            size = max(1, self.batch_tokens // length)
+            if self.split is None:  # the model's own forward makes the batch's full logits
+                size = min(size, max(1, self.logits_budget // (length * self.vocab)))
+            for start in range(0, len(members), size):
+                yield members[start:start + size]
+
+    def _window_nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-position ``-ln p(ids[:, t + 1] | ids[:, :t + 1])`` for a batch of unpadded windows, float32."""
+        batch, length = ids.shape
+        targets = ids[:, 1:].reshape(-1)
+        out = torch.empty(targets.shape[0], dtype=torch.float32)
+        rows = max(1, self.logits_budget // self.vocab)
+        if self.split is None:
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
+            logits = logits.reshape(-1, logits.shape[-1])
+            for start in range(0, targets.shape[0], rows):
+                token_nll(logits[start:start + rows], targets[start:start + rows], out[start:start + rows])
+            return out.view(batch, length - 1)
+        body, head, softcap = self.split
+        if self.lean is not None:
+            hidden = self.lean(ids)[:, :-1]
+        else:
+            hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for start in range(0, targets.shape[0], rows):
+            logits = head(hidden[start:start + rows])
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            token_nll(logits, targets[start:start + rows], out[start:start + rows])
+        return out.view(batch, length - 1)
+
     def nll(self, sequences: list[list[int]]) -> list[float]:
         """Sum of ``-ln p(token | previous)`` over every token after the prefix, per sequence (nats)."""
         longest = max(len(s) for s in sequences)
         check_context(longest, self.context)
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         result = [0.0] * len(sequences)
-        position = 0
-        while position < len(order):
-            length = len(sequences[order[position]])
-            batch = max(1, self.logits_budget // (length * self.vocab))
-            members = order[position:position + batch]
-            position += len(members)
-            ids = torch.full((len(members), length), self.prefix_id, dtype=torch.long)
-            mask = torch.zeros((len(members), length), dtype=torch.long)
-            for row, index in enumerate(members):
-                sequence = sequences[index]
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-                mask[row, : len(sequence)] = 1
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                losses = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-                ).view(len(members), -1)
-                losses = (losses * mask[:, 1:]).double().sum(dim=1)
-            for row, index in enumerate(members):
-                result[index] = float(losses[row])
+        with torch.inference_mode():
+            for members in self._batches(sequences):
+                if len(sequences[members[0]]) < 2:  # a window of no tokens (only the prefix) costs nothing
+                    continue
+                ids = torch.tensor([sequences[index] for index in members], dtype=torch.long)
+                losses = self._window_nll(ids).double().sum(dim=1)
+                for row, index in enumerate(members):
+                    result[index] = float(losses[row])
         return result
 
     def score_file(self, name: str, data: bytes, window: int) -> FileScore:
