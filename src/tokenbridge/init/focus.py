@@ -10,9 +10,11 @@ rows (a convex combination of a few of them).
 
 An overlapping token takes part only if it has a vector of its own (it occurred at least
 ``min_count`` times), as in the reference (``deepfocus/focus.py``).  A new token seen fewer
-times, or never, gets fastText's vector built from its character n-grams and is labelled
-``focus:ngrams``; the reference initialises those randomly.  Only a token whose n-gram vector is
-zero falls back to the ``subword`` rows (``focus:fallback:subword``).
+times, or never, gets a vector built from its character n-grams and is labelled ``focus:ngrams``;
+the reference initialises those randomly.  Only n-grams that occur in some corpus token count (the
+others were never trained and hold their random initialisation), and a token needs at least
+``ngram_share`` of its n-grams seen; any other falls back to the ``subword`` rows
+(``focus:fallback:subword``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FocusConfig:
     min_n: int = 3  # shortest character n-gram of a token string
     max_n: int = 6  # longest character n-gram (0: none; then unseen tokens fall back to subword)
     buckets: int = 2_000_000  # rows the n-grams are hashed into (fastText's default)
+    ngram_share: float = 0.5  # an unseen token's n-gram vector needs this share of its n-grams seen in the corpus
 
 
 def tokenized_lines(paths, tokenizer) -> list[list[str]]:
@@ -75,6 +78,8 @@ def prepare_focus(context: TransplantContext, config: FocusConfig) -> Combinatio
     for name in ("dim", "epochs", "min_count", "window", "min_n", "buckets"):
         if getattr(config, name) < 1:
             raise TokenbridgeError(f"focus: {name}={getattr(config, name)} must be at least 1")
+    if not 0.0 <= config.ngram_share <= 1.0:
+        raise TokenbridgeError(f"focus: ngram_share={config.ngram_share} must be between 0 and 1")
     if config.max_n and config.max_n < config.min_n:
         raise TokenbridgeError(f"focus: max_n={config.max_n} must be 0 or at least min_n={config.min_n}")
     paths = read_text_files(config.corpus, "focus corpus")
@@ -98,7 +103,7 @@ def prepare_focus(context: TransplantContext, config: FocusConfig) -> Combinatio
     overlap_source = torch.tensor([s for _, s in overlap], dtype=torch.int64)
 
     new_ids = [t.id for t in context.new_tokens]
-    aux, found, from_ngrams = vectors.lookup(tokenizer.convert_ids_to_tokens(new_ids))
+    aux, found, from_ngrams = vectors.lookup(tokenizer.convert_ids_to_tokens(new_ids), config.ngram_share)
     row_of = {i: r for r, i in enumerate(new_ids) if found[r]}
     placed = [i for i in new_ids if i in row_of]
     combination = combine_over_overlap(placed, lambda ids: focus_weights(aux[[row_of[i] for i in ids]], keys),

@@ -78,26 +78,53 @@ class WordVectors:
             out.setdefault(word, i)
         return out
 
-    def lookup(self, words: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def lookup(self, words: list[str], min_seen: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Vectors of ``words`` -> ``(vectors [k, dim], found [k] bool, from_ngrams [k] bool)``.
 
-        A word in :attr:`words` gets its row; any other word, when n-grams are known, gensim's vector for
-        it: the mean of its character n-gram vectors (or its own vector, for a word of a ``.bin`` read with
-        a ``limit`` below its rank), if that is not zero; else it is not found (a zero row).
+        A word in :attr:`words` gets its row; any other word, when n-grams are known, a vector from its
+        character n-grams (or its own vector, for a word of a ``.bin`` read with a ``limit`` below its
+        rank), if that is not zero; else it is not found (a zero row).
+
+        For vectors read from a ``.bin`` that is gensim's vector, the mean of all the word's n-gram rows.
+        For vectors trained here (:attr:`model` set), an n-gram row that no training word contains was
+        never updated and holds only its random initialisation, so the mean is over the word's *seen*
+        n-grams, and a word of which fewer than ``min_seen`` of the n-grams were seen is not found.
         """
         index = self.index()
         out = torch.zeros((len(words), self.dim), dtype=torch.float32)
         found = torch.zeros(len(words), dtype=torch.bool)
         from_ngrams = torch.zeros(len(words), dtype=torch.bool)
+        seen = self._seen_buckets()
         for k, word in enumerate(words):
             row = index.get(word)
             if row is not None:
                 out[k], found[k] = self.vectors[row], True
             elif self.ngrams is not None and getattr(self.ngrams, "bucket", 0) > 0:
-                vector = torch.from_numpy(np.asarray(self.ngrams.get_vector(word), dtype=np.float32))
-                if bool(vector.ne(0).any()) and bool(torch.isfinite(vector).all()):
+                vector = self._ngram_vector(word, seen, min_seen)
+                if vector is not None and bool(vector.ne(0).any()) and bool(torch.isfinite(vector).all()):
                     out[k], found[k], from_ngrams[k] = vector, True, True
         return out, found, from_ngrams
+
+    def _seen_buckets(self) -> np.ndarray | None:
+        """For vectors trained here: a bool per n-gram bucket, whether some training word contains it."""
+        if self.model is None or self.ngrams is None or getattr(self.ngrams, "bucket", 0) <= 0:
+            return None
+        seen = np.zeros(self.ngrams.bucket, dtype=bool)
+        for hashes in self.ngrams.buckets_word or []:
+            seen[np.asarray(hashes, dtype=np.int64)] = True
+        return seen
+
+    def _ngram_vector(self, word: str, seen: np.ndarray | None, min_seen: float) -> torch.Tensor | None:
+        wv = self.ngrams
+        if seen is None:
+            return torch.from_numpy(np.asarray(wv.get_vector(word), dtype=np.float32))
+        from gensim.models.fasttext import ft_ngram_hashes
+
+        hashes = np.asarray(ft_ngram_hashes(word, wv.min_n, wv.max_n, wv.bucket), dtype=np.int64)
+        known = hashes[seen[hashes]] if len(hashes) else hashes
+        if not len(known) or len(known) < min_seen * len(hashes):
+            return None
+        return torch.from_numpy(np.asarray(wv.vectors_ngrams[known], dtype=np.float32).mean(axis=0))
 
 
 _WORD = re.compile(r"\w+(?:[-'’.]\w+)*|[^\w\s]")
