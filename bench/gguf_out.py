@@ -13,6 +13,10 @@
 The slices are bench/transplant.py's: 8000 bytes at offset 20000 of debref.en/de/ja and code.python.
 
     python bench/gguf_out.py [--pairs 1 2] [--workdir DIR] [--json PATH] [--out-md PATH] [--no-llama-cpp]
+                             [--reuse EARLIER.json]
+
+``--reuse`` takes part (a)'s rows (and their output files, which must still exist) from an earlier run's
+JSON and runs part (b) only, so that part (a)'s timings stay those of the earlier, cleaner run.
 """
 
 from __future__ import annotations
@@ -140,10 +144,13 @@ def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -
     en = next(p for p in slices if p.stem == "en")
     prefix, _ = prefix_token(target)
     result["en_bpb_llama_cpp"] = llama_cpp_bpb(llm, en.read_bytes(), window, prefix)
-    evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", row["directory"]["out"], "--text",
-                                str(en), "--window", str(window), "--json", "--quiet"],
-                               capture_output=True, text=True, check=True)
-    result["en_bpb_tokenbridge_eval_directory"] = json.loads(evaluated.stdout)["bits_per_byte"]
+    for key, model in (("directory", row["directory"]["out"]), ("gguf", row["gguf"]["out"])):
+        # the directory holds float32 vocabulary matrices; the .gguf, read back by tokenbridge (dequantised),
+        # holds the quantised ones llama.cpp runs: their difference is the quantisation error
+        evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", model, "--text",
+                                    str(en), "--window", str(window), "--json", "--quiet"],
+                                   capture_output=True, text=True, check=True)
+        result[f"en_bpb_tokenbridge_eval_{key}"] = json.loads(evaluated.stdout)["bits_per_byte"]
     return result
 
 
@@ -151,7 +158,12 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["## GGUF out: transplant to one .gguf file (issue 18)", "",
              f"Command: `{result['command']}`  ", f"Date: {result['date']}  ", f"Code: {result['code']}  ",
-             f"Machine: {m['cpu']}, nproc {m['nproc']}, load average {m['loadavg']}", "",
+             f"Machine: {m['cpu']}, nproc {m['nproc']}, load average {m['loadavg']}", ""]
+    if result.get("part_a_from"):
+        a = result["part_a_from"]
+        lines += [f"Part (a) below is reused from `{a['command']}` ({a['date']}, load average "
+                  f"{a['machine']['loadavg']}).", ""]
+    lines += [
              "Each transplant (method subword) is a fresh process under GNU `/usr/bin/time -f %M`; the directory "
              "transplant reads the cached dequantised source, converted before timing.", "",
              "| pair | output | wall s | peak RSS MB | size MB | vocabulary matrices |", "|---|---|---:|---:|---:|---|"]
@@ -170,11 +182,13 @@ def markdown(result: dict) -> str:
         for pair, res in result["llama_cpp"].items():
             for name, t in res["tokenization"].items():
                 lines.append(f"| {pair} | {name} | {t['target_tokens']} | {t['llama_cpp_tokens']} | {t['differing_tokens']} |")
-        lines += ["", "| pair | en BPB (llama.cpp logits) | en BPB (tokenbridge eval, directory) | greedy continuation |",
-                  "|---|---:|---:|---|"]
+        lines += ["", "| pair | en BPB, llama.cpp's logits | en BPB, tokenbridge eval of the .gguf | "
+                  "en BPB, tokenbridge eval of the directory | quantisation error (.gguf - directory) | "
+                  "greedy continuation |", "|---|---:|---:|---:|---:|---|"]
         for pair, res in result["llama_cpp"].items():
-            lines.append(f"| {pair} | {res['en_bpb_llama_cpp']['bits_per_byte']:.4f} | "
-                         f"{res['en_bpb_tokenbridge_eval_directory']:.4f} | {res['generation']['continuation']!r} |")
+            own, directory = res["en_bpb_tokenbridge_eval_gguf"], res["en_bpb_tokenbridge_eval_directory"]
+            lines.append(f"| {pair} | {res['en_bpb_llama_cpp']['bits_per_byte']:.4f} | {own:.4f} | {directory:.4f} | "
+                         f"{own - directory:+.4f} | {res['generation']['continuation']!r} |")
     else:
         lines += ["", f"llama.cpp: {result.get('llama_cpp_skipped', 'not run')}"]
     return "\n".join(lines) + "\n"
@@ -187,6 +201,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=8000, help="bytes per slice (default 8000)")
     parser.add_argument("--window", type=int, default=2048, help="scoring window in bytes (default 2048)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip part (b) even if llama_cpp is installed")
+    parser.add_argument("--reuse", type=Path, help="part (a)'s rows from this earlier --json; run part (b) only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out-md", type=Path)
     args = parser.parse_args()
@@ -200,8 +215,18 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         slices = write_slices(workdir / "slices", args.size)
         result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "command": shlex.join(["python", *sys.argv]), "code": git_state(), "machine": machine(),
-                  "pairs": [part_a(pair, paths, workdir) for pair in args.pairs]}
+                  "command": shlex.join(["python", *sys.argv]), "code": git_state(), "machine": machine()}
+        if args.reuse:
+            earlier = json.loads(args.reuse.read_text())
+            rows = [row for row in earlier["pairs"] if row["pair"] in args.pairs]
+            missing = [p for row in rows for p in (row["gguf"]["out"], row["directory"]["out"]) if not Path(p).exists()]
+            if len(rows) != len(args.pairs) or missing:
+                sys.exit(f"--reuse {args.reuse}: pairs {args.pairs} or their outputs are missing ({missing})")
+            result["part_a_from"] = {"json": str(args.reuse), "date": earlier["date"], "command": earlier["command"],
+                                     "code": earlier["code"], "machine": earlier["machine"]}
+            result["pairs"] = rows
+        else:
+            result["pairs"] = [part_a(pair, paths, workdir) for pair in args.pairs]
         if args.no_llama_cpp:
             result["llama_cpp_skipped"] = "skipped (--no-llama-cpp)"
         elif importlib.util.find_spec("llama_cpp") is None:
