@@ -25,7 +25,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import TokenbridgeError
@@ -290,6 +292,45 @@ def _removed_on_failure(tmp: Path, out: Path):
         raise
 
 
+_DEFERRED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a temp path is made and its cleanup put in place, then deliver
+    them: one arriving between the two would otherwise raise after the path exists but before anything
+    would remove it.  Only Python-level handlers are held (a default SIGTERM ends the process, cleanup or
+    not), and only on the main thread, the one Python runs them on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = {}
+    for number in _DEFERRED:
+        handler = signal.getsignal(number)
+        if callable(handler):
+            previous[number] = handler
+            signal.signal(number, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            number, frame = caught[0]
+            previous[number](number, frame)
+
+
+@contextlib.contextmanager
+def _staged(make, cleanup_name: Path):
+    """``make()`` a temp path, removed on any exception from the moment it exists (see :func:`_signals_deferred`)."""
+    with contextlib.ExitStack() as stack:
+        with _signals_deferred():
+            tmp = make()
+            stack.enter_context(_removed_on_failure(tmp, cleanup_name))
+        yield tmp
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool, manifest: bool = False):
     """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it is removed.
@@ -300,8 +341,7 @@ def staged_output(out: Path, force: bool, manifest: bool = False):
     out = publish_path(given)
     out.parent.mkdir(parents=True, exist_ok=True)  # missing parents are created, like mkdir -p
     sweep_orphans(out.parent)
-    tmp = temp_dir(out.parent, out.name)
-    with _removed_on_failure(tmp, given):
+    with _staged(lambda: temp_dir(out.parent, out.name), given) as tmp:
         yield tmp
         scrub_remote_code(tmp)
         apply_umask(tmp)
@@ -323,8 +363,7 @@ def staged_file(out: Path, force: bool = True):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_orphans(out.parent)
-    tmp = temp_file(out.parent, out.name, suffix="".join(out.suffixes[-1:]))
-    with _removed_on_failure(tmp, out):
+    with _staged(lambda: temp_file(out.parent, out.name, suffix="".join(out.suffixes[-1:])), out) as tmp:
         yield tmp
         if not force and os.path.lexists(out):
             raise TokenbridgeError(f"{out}: appeared while writing (pass --force to replace it)")
