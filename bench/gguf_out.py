@@ -104,15 +104,19 @@ def token_differences(expected: list[int], got: list[int]) -> int:
     return (len(expected) - same) + (len(got) - same)
 
 
-def llama_cpp_bpb(llm, data: bytes, window: int, prefix: int) -> dict:
-    """Bits per byte from llama.cpp's logits, windows and prefix as ``tokenbridge eval``; llama.cpp's tokens."""
+def llama_cpp_bpb(llm, data: bytes, window: int, prefix: int, tokenizer=None) -> dict:
+    """Bits per byte from llama.cpp's logits, windows and prefix as ``tokenbridge eval``; llama.cpp's tokens,
+    or, with ``tokenizer``, that tokenizer's (so that only the arithmetic differs from ``tokenbridge eval``)."""
     import numpy as np
 
     from tokenbridge.measure.bpb import byte_windows
 
     bits, tokens = 0.0, 0
     for start, end in byte_windows(data, window):
-        ids = [prefix] + llm.tokenize(data[start:end], add_bos=False, special=False)
+        if tokenizer is None:
+            ids = [prefix] + llm.tokenize(data[start:end], add_bos=False, special=False)
+        else:
+            ids = [prefix] + tokenizer(data[start:end].decode("utf-8"), add_special_tokens=False)["input_ids"]
         llm.reset()
         llm.eval(ids)
         logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
@@ -144,6 +148,7 @@ def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -
     en = next(p for p in slices if p.stem == "en")
     prefix, _ = prefix_token(target)
     result["en_bpb_llama_cpp"] = llama_cpp_bpb(llm, en.read_bytes(), window, prefix)
+    result["en_bpb_llama_cpp_target_tokens"] = llama_cpp_bpb(llm, en.read_bytes(), window, prefix, target)
     for key, model in (("directory", row["directory"]["out"]), ("gguf", row["gguf"]["out"])):
         # the directory holds float32 vocabulary matrices; the .gguf, read back by tokenbridge (dequantised),
         # holds the quantised ones llama.cpp runs: their difference is the quantisation error
@@ -182,13 +187,14 @@ def markdown(result: dict) -> str:
         for pair, res in result["llama_cpp"].items():
             for name, t in res["tokenization"].items():
                 lines.append(f"| {pair} | {name} | {t['target_tokens']} | {t['llama_cpp_tokens']} | {t['differing_tokens']} |")
-        lines += ["", "| pair | en BPB, llama.cpp's logits | en BPB, tokenbridge eval of the .gguf | "
-                  "en BPB, tokenbridge eval of the directory | quantisation error (.gguf - directory) | "
-                  "greedy continuation |", "|---|---:|---:|---:|---:|---|"]
+        lines += ["", "| pair | en BPB, llama.cpp's logits and tokens | llama.cpp's logits, the target tokenizer's "
+                  "tokens | tokenbridge eval of the .gguf | tokenbridge eval of the directory | quantisation error "
+                  "(.gguf - directory) | greedy continuation |", "|---|---:|---:|---:|---:|---:|---|"]
         for pair, res in result["llama_cpp"].items():
             own, directory = res["en_bpb_tokenbridge_eval_gguf"], res["en_bpb_tokenbridge_eval_directory"]
-            lines.append(f"| {pair} | {res['en_bpb_llama_cpp']['bits_per_byte']:.4f} | {own:.4f} | {directory:.4f} | "
-                         f"{own - directory:+.4f} | {res['generation']['continuation']!r} |")
+            same = res.get("en_bpb_llama_cpp_target_tokens", {}).get("bits_per_byte", float("nan"))
+            lines.append(f"| {pair} | {res['en_bpb_llama_cpp']['bits_per_byte']:.4f} | {same:.4f} | {own:.4f} | "
+                         f"{directory:.4f} | {own - directory:+.4f} | {res['generation']['continuation']!r} |")
     else:
         lines += ["", f"llama.cpp: {result.get('llama_cpp_skipped', 'not run')}"]
     return "\n".join(lines) + "\n"
