@@ -134,14 +134,17 @@ def test_killed_gguf_conversion_and_cache_entry(smollm2_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert digests(out) == reference and not temps(tmp_path)
 
-    # the same conversion as a cache entry, reached through transplant
+    # the same conversion as a cache entry, reached through a command that reads the GGUF (eval: the
+    # cheapest one to finish; transplant and heal go through the same cached_model_dir)
     cache = tmp_path / "cache"
     env = {**os.environ, "TOKENBRIDGE_CACHE": str(cache)}
     entries = cache / "gguf"
-    kill_when(["transplant", gguf, smollm2_dir, tmp_path / "moved"], signal.SIGKILL,
+    text = tmp_path / "text.txt"
+    text.write_text(corpus("en", 20000, 400), encoding="utf-8")
+    kill_when(["eval", gguf, "--text", text], signal.SIGKILL,
               lambda: any((t / "model.safetensors").is_file() for t in temps(entries)), env=env)
-    assert temps(entries) and not (tmp_path / "moved").exists()  # a killed conversion's staging dir is left ...
-    rerun = tokenbridge("transplant", gguf, smollm2_dir, tmp_path / "moved", env=env)
+    assert temps(entries) and not any(entries.glob("[!.]*"))  # a killed conversion's staging dir is left ...
+    rerun = tokenbridge("eval", gguf, "--text", text, env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert not temps(entries)  # ... and swept by the next run
     (entry,) = entries.iterdir()

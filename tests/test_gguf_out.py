@@ -584,3 +584,30 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path, tok_dirs):
             expected.append(1 / ((1 - smooth) / rope["factor"] + smooth))
     assert np.allclose(factors, expected, rtol=1e-5)
     assert factors.min() == 1.0 and factors.max() == 8.0
+
+
+
+@pytest.mark.real
+def test_a_gguf_targets_tokenizer_is_carried_whole(tmp_path, capsys, tiny):
+    """TARGET SmolLM2's GGUF, the body a Gemma-3: the target's tokenizer keys are copied as they are, and
+    the tokenizer itself rides along (tokenizer.huggingface.json), because transformers rebuilds a tokenizer
+    from the ggml keys by the body's architecture (here SmolLM2's byte-level BPE would grow a <mask>)."""
+    from tokenbridge.load.packaged import smollm2_gguf
+
+    target = smollm2_gguf()
+    source = tmp_path / "gemma3.gguf"
+    assert main(["export", str(tiny["gemma3"]), str(source), "--type", "q8_0", "--quiet"]) == 0
+    out = tmp_path / "out.gguf"
+    code, _, err = run(capsys, "transplant", source, target, out, "--method", "mean", "--quiet")
+    assert code == 0, err
+    before, after = read_gguf_header(target), read_gguf_header(out)
+    assert after.architecture == "gemma3" and "tokenizer.huggingface.json" not in before.values
+    for key in before.values:
+        if key.startswith("tokenizer."):
+            assert after.raw(key) == before.raw(key), key
+    expected, ours = load_tokenizer(target), load_tokenizer(out)
+    assert len(ours) == len(expected) == 49152
+    for name, text in texts().items():
+        assert ours(text)["input_ids"] == expected(text)["input_ids"], name
+    assert (ours.bos_token, ours.eos_token) == (expected.bos_token, expected.eos_token)
+    assert ours.chat_template == expected.chat_template

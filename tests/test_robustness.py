@@ -726,3 +726,38 @@ def test_non_contiguous_ids_name_the_tokenizer(tok_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "tokstats", directory, "--text", directory / "tokenizer.json")
     line = one_line_error(code, err, "not contiguous")
     assert str(directory) in line
+
+
+# -- scratch dirs: intermediate work that is never published ----------------------------------------------
+
+def _temp_entries(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if output_dir.TAG in p.name]
+
+
+def test_scratch_dir_is_removed_on_success_and_on_failure(tmp_path):
+    with output_dir.scratch_dir(tmp_path, "work") as work:
+        (work / "file").write_text("x")
+        assert work.parent == tmp_path and output_dir.TAG in work.name
+    assert not work.exists() and _temp_entries(tmp_path) == []
+    with pytest.raises(RuntimeError), output_dir.scratch_dir(tmp_path, "work") as work:
+        (work / "file").write_text("x")
+        raise RuntimeError("boom")
+    assert not work.exists() and _temp_entries(tmp_path) == []
+
+
+def test_scratch_dir_is_removed_when_a_signal_lands_as_it_is_made(tmp_path, monkeypatch):
+    """A Ctrl-C landing just after the dir is made (inside ``temp_dir``) is held until its removal is in
+    place, then delivered: the dir does not outlive the interrupt."""
+    import signal
+
+    real = output_dir.temp_dir
+
+    def interrupted(parent, name, old=False):
+        made = real(parent, name, old)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(output_dir, "temp_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt), output_dir.scratch_dir(tmp_path, "work"):
+        raise AssertionError("the body ran although the interrupt came first")
+    assert _temp_entries(tmp_path) == []

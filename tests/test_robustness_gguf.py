@@ -63,6 +63,19 @@ def smollm2_copy(directory: Path, name: str = "smollm2.gguf") -> Path:
     return Path(shutil.copyfile(smollm2_gguf(), directory / name))
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, models_dir) -> Path:
+    """The tiny llama model, exported in float32: damage is found the same way in any GGUF, and converting
+    this one takes a second where SmolLM2's Q4_1 file takes half a minute."""
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    assert main(["export", str(models_dir["llama"]), str(out), "--type", "f32", "--quiet"]) == 0
+    return out
+
+
+def tiny_copy(tiny_gguf: Path, directory: Path) -> Path:
+    return Path(shutil.copyfile(tiny_gguf, directory / "tiny.gguf"))
+
+
 def tensor_data_offset(gguf: Path, tensor: str) -> int:
     from gguf import GGUFReader
 
@@ -88,21 +101,23 @@ def test_bogus_tensor_count_is_refused(capsys, cache, models_dir, tmp_path, comm
     assert cache_entries(cache) == []
 
 
-def test_unknown_tensor_name_is_a_missing_key(capsys, cache, tmp_path):
+def test_unknown_tensor_name_is_a_missing_key(capsys, cache, tmp_path, tiny_gguf):
     """A renamed tensor is skipped by transformers: its weight is missing, not silently random."""
-    gguf = smollm2_copy(tmp_path)
+    gguf = tiny_copy(tiny_gguf, tmp_path)
+    assert main(["convert", str(gguf), str(tmp_path / "intact"), "--quiet"]) == 0  # the undamaged copy converts
     data = bytearray(gguf.read_bytes())
-    name = b"blk.3.ffn_norm.weight"
+    name = b"blk.1.ffn_norm.weight"
     at = data.index(name)
-    data[at:at + len(name)] = b"blk.3.ffn_norm.weighx"  # same length: the layout is unchanged
+    data[at:at + len(name)] = b"blk.1.ffn_norm.weighx"  # same length: the layout is unchanged
     gguf.write_bytes(bytes(data))
+    capsys.readouterr()
     code, err = run(capsys, "convert", gguf, tmp_path / "out")
-    assert_refused(code, err, tmp_path / "out", "model.layers.3.post_attention_layernorm.weight is missing")
+    assert_refused(code, err, tmp_path / "out", "model.layers.1.post_attention_layernorm.weight is missing")
     assert cache_entries(cache) == []
 
 
-def test_nan_weight_is_refused(capsys, cache, tmp_path):
-    gguf = smollm2_copy(tmp_path)
+def test_nan_weight_is_refused(capsys, cache, tmp_path, tiny_gguf):
+    gguf = tiny_copy(tiny_gguf, tmp_path)
     at = tensor_data_offset(gguf, "blk.0.attn_norm.weight")  # float32
     with open(gguf, "r+b") as handle:
         handle.seek(at + 4 * 7)
@@ -197,27 +212,27 @@ def test_gemma3_assembled_file_follows_the_umask(gemma):
 # Defect 11: cache entries carry a manifest; a damaged or unverifiable entry is rebuilt.
 
 @pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """One SmolLM2 conversion in a private cache, and its tensors."""
-    root = tmp_path_factory.mktemp("smollm2-cache")
+def model_cache(tmp_path_factory, tiny_gguf):
+    """One conversion of the tiny GGUF in a private cache, and its tensors."""
+    root = tmp_path_factory.mktemp("model-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TOKENBRIDGE_CACHE", str(root))
-        entry = cached_model_dir(smollm2_gguf())
+        entry = cached_model_dir(tiny_gguf)
     assert entry.parent == root / "gguf" and verify_manifest(entry) is None
     # cloned: safetensors maps the file, and the tests write into it
     return root, entry, {name: tensor.clone() for name, tensor in read_tensors(entry).items()}
 
 
 @pytest.fixture
-def smollm2_entry(smollm2_cache, monkeypatch):
-    root, entry, tensors = smollm2_cache
+def model_entry(model_cache, monkeypatch, tiny_gguf):
+    root, entry, tensors = model_cache
     monkeypatch.setenv("TOKENBRIDGE_CACHE", str(root))
-    return entry, tensors
+    return entry, tensors, tiny_gguf
 
 
-def assert_rebuilt(capsys, entry: Path, tensors: dict, reason: str):
+def assert_rebuilt(capsys, gguf: Path, entry: Path, tensors: dict, reason: str):
     capsys.readouterr()
-    assert cached_model_dir(smollm2_gguf()) == entry
+    assert cached_model_dir(gguf) == entry
     expected = f"tokenbridge: cache entry {entry} is corrupt ({reason}); rebuilding"
     assert error_lines(capsys.readouterr().err) == [expected]
     assert verify_manifest(entry) is None
@@ -225,45 +240,45 @@ def assert_rebuilt(capsys, entry: Path, tensors: dict, reason: str):
     assert rebuilt.keys() == tensors.keys() and all(torch.equal(rebuilt[k], tensors[k]) for k in tensors)
 
 
-def test_intact_cache_entry_is_used_as_it_is(smollm2_entry, capsys):
-    entry, _ = smollm2_entry
+def test_intact_cache_entry_is_used_as_it_is(model_entry, capsys):
+    entry, _, gguf = model_entry
     stamp = (entry / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert cached_model_dir(smollm2_gguf()) == entry
+    assert cached_model_dir(gguf) == entry
     assert capsys.readouterr().err == "" and (entry / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_flipped_byte_in_cache_entry_is_rebuilt(smollm2_entry, capsys):
-    entry, tensors = smollm2_entry
+def test_flipped_byte_in_cache_entry_is_rebuilt(model_entry, capsys):
+    entry, tensors, gguf = model_entry
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as handle:
         handle.seek(weights.stat().st_size // 2)
         byte = handle.read(1)
         handle.seek(weights.stat().st_size // 2)
         handle.write(bytes([byte[0] ^ 0x80]))
-    assert_rebuilt(capsys, entry, tensors, "model.safetensors does not match its checksum")
+    assert_rebuilt(capsys, gguf, entry, tensors, "model.safetensors does not match its checksum")
 
 
-def test_cache_entry_without_manifest_is_rebuilt(cache, capsys):
+def test_cache_entry_without_manifest_is_rebuilt(cache, capsys, tiny_gguf):
     """Entries written before manifests existed cannot be trusted either (the tokenizer entry: a cheap rebuild;
     model entries go through the same check, see the flipped byte above)."""
-    entry = cached_tokenizer_dir(smollm2_gguf())
+    entry = cached_tokenizer_dir(tiny_gguf)
     original = (entry / "tokenizer.json").read_bytes()
     (entry / MANIFEST_NAME).unlink()
     capsys.readouterr()
-    assert cached_tokenizer_dir(smollm2_gguf()) == entry
+    assert cached_tokenizer_dir(tiny_gguf) == entry
     assert error_lines(capsys.readouterr().err) == [
         f"tokenbridge: cache entry {entry} is corrupt (no {MANIFEST_NAME}); rebuilding"]
     assert (entry / "tokenizer.json").read_bytes() == original and verify_manifest(entry) is None
 
 
-def test_damaged_tokenizer_cache_entry_is_rebuilt(cache, capsys):
-    entry = cached_tokenizer_dir(smollm2_gguf())
+def test_damaged_tokenizer_cache_entry_is_rebuilt(cache, capsys, tiny_gguf):
+    entry = cached_tokenizer_dir(tiny_gguf)
     assert entry.parent == cache / "gguf-tokenizer" and verify_manifest(entry) is None
     original = (entry / "tokenizer.json").read_bytes()
     (entry / "tokenizer.json").write_bytes(original[:-10])
     capsys.readouterr()
-    assert cached_tokenizer_dir(smollm2_gguf()) == entry
+    assert cached_tokenizer_dir(tiny_gguf) == entry
     assert error_lines(capsys.readouterr().err) == [
         f"tokenbridge: cache entry {entry} is corrupt (tokenizer.json has {len(original) - 10} bytes, "
         f"the manifest says {len(original)}); rebuilding"]

@@ -90,21 +90,16 @@ def cmd_transplant(args) -> int:
             return _transplant_and_print(args, source, resolve(args.paths[1]), out)
     elif args.vocab_size is None:
         raise TokenbridgeError("--train-tokenizer needs --vocab-size")
-    import shutil
 
     from .tokenizers.api import byte_tokenizer, train
-    from .write.output_dir import check_output, publish_path, sweep_orphans, temp_dir
+    from .write.output_dir import check_output, publish_path, scratch_dir
 
     check_output(out, args.force, protected=[source, *map(Path, args.train_tokenizer or [])],
                  file=out.suffix == ".gguf")
     if byte_target and os.path.lexists("bytes") and not args.quiet:
         print("tokenbridge: note: TARGET bytes is the built-in byte tokenizer; write ./bytes for the path",
               file=sys.stderr)
-    parent = publish_path(out).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(parent)
-    tmp = temp_dir(parent, f"{out.name}.tokenizer")
-    try:
+    with scratch_dir(publish_path(out).parent, f"{out.name}.tokenizer") as tmp:
         tokenizer = tmp / "tokenizer"
         if byte_target:
             made = byte_tokenizer(source, tokenizer)
@@ -115,8 +110,6 @@ def cmd_transplant(args) -> int:
         if not args.json:
             _print_tokenizer_report(made, False)
         return _transplant_and_print(args, source, tokenizer, out, {"tokenizer": made.summary()})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _transplant_and_print(args, source, target, out, extra: dict | None = None) -> int:

@@ -23,7 +23,6 @@ From a model directory, the directory transplant is made beside OUT and exported
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -166,22 +165,16 @@ def _from_directory(source, target, out, method, options, seed, force, gguf_type
 
     if transplant is None:
         from .pipeline import transplant
-    from .write.output_dir import publish_path, sweep_orphans, temp_dir
+    from .write.output_dir import publish_path, scratch_dir
 
     # what export would refuse is refused before the transplant, not after it
     config = load_config(source)
     check_config(config, gguf_spec(config.model_type), str(source))
-    parent = publish_path(out).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(parent)
-    tmp = temp_dir(parent, f"{out.name}.model")
-    try:
+    with scratch_dir(publish_path(out).parent, f"{out.name}.model") as tmp:
         _, report = transplant(source, target, tmp / "model", method=method, options=options, seed=seed,
                                force=True, allow_pickle=allow_pickle, progress=progress)
         _, exported = export_gguf(tmp / "model", out, type=gguf_type, force=force, progress=progress,
                                   name=f"{Path(source).resolve().name}-transplanted")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     exported.source = str(source)
     report.gguf = exported.summary()
     report.peak_rss_mb = peak_rss_mb()

@@ -111,7 +111,7 @@ def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: i
     from ..measure.bpb import evaluate
     from ..pipeline import transplant
     from ..report import peak_rss_mb
-    from ..write.output_dir import check_output, staged_output, temp_dir
+    from ..write.output_dir import check_output, scratch_dir, staged_output
 
     started = time.perf_counter()
     source, target_tokenizer, out = Path(source), Path(target_tokenizer), Path(out)
@@ -131,50 +131,46 @@ def auto_transplant(source, target_tokenizer, out, options: dict | None, seed: i
     train, held_out = split_text(paths, config.holdout_bytes)
     wanted = [m.strip() for m in config.candidates.split(",") if m.strip()]
 
-    with staged_output(out, force) as staged:
-        work = temp_dir(staged.parent, f"{out.name}.auto")
-        try:
-            heldout_file = work / "heldout.txt"
-            heldout_file.write_bytes(held_out)
-            train_file = None
-            if len(train) >= MIN_HOLDOUT:
-                train_file = work / "train.txt"
-                train_file.write_bytes(train)
-            plan, skipped = plan_candidates(passed, wanted, train_file)
-            scores, best = {}, None
-            for name, method_options in plan.items():
-                if progress:
-                    print(f"auto: trying {name}", flush=True)
-                candidate_dir = work / name
-                try:
-                    _, report = transplant(source, target_tokenizer, candidate_dir, method=name,
-                                           options=method_options, seed=seed, force=True,
-                                           allow_pickle=allow_pickle, progress=progress)
-                except TokenbridgeError as error:
-                    scores[name] = {"error": str(error)}
-                    continue
-                bpb = evaluate(candidate_dir, [heldout_file], window=config.window, progress=False).bits_per_byte
-                scores[name] = {"bits_per_byte": round(bpb, 6), "transplant_s": report.seconds}
-                if best is None or bpb < best[1]:
-                    if best is not None:
-                        shutil.rmtree(work / best[0], ignore_errors=True)
-                    best = (name, bpb, report)
-                else:
-                    shutil.rmtree(candidate_dir, ignore_errors=True)
-            if best is None:
-                raise TokenbridgeError("auto: every candidate failed: " +
-                                       "; ".join(f"{n}: {s['error']}" for n, s in scores.items()))
-            name, bpb, report = best
-            report.selection = {
-                "chosen": name, "scores": scores, "skipped": skipped,
-                "held_out_bytes": len(held_out), "training_bytes": len(train), "window": config.window,
-                "text": [str(p) for p in paths], "criterion": "bits per byte on the held-out slice",
-            }
-            report.write(work / name)
-            for item in (work / name).iterdir():
-                item.rename(staged / item.name)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    with staged_output(out, force) as staged, scratch_dir(staged.parent, f"{out.name}.auto") as work:
+        heldout_file = work / "heldout.txt"
+        heldout_file.write_bytes(held_out)
+        train_file = None
+        if len(train) >= MIN_HOLDOUT:
+            train_file = work / "train.txt"
+            train_file.write_bytes(train)
+        plan, skipped = plan_candidates(passed, wanted, train_file)
+        scores, best = {}, None
+        for name, method_options in plan.items():
+            if progress:
+                print(f"auto: trying {name}", flush=True)
+            candidate_dir = work / name
+            try:
+                _, report = transplant(source, target_tokenizer, candidate_dir, method=name,
+                                       options=method_options, seed=seed, force=True,
+                                       allow_pickle=allow_pickle, progress=progress)
+            except TokenbridgeError as error:
+                scores[name] = {"error": str(error)}
+                continue
+            bpb = evaluate(candidate_dir, [heldout_file], window=config.window, progress=False).bits_per_byte
+            scores[name] = {"bits_per_byte": round(bpb, 6), "transplant_s": report.seconds}
+            if best is None or bpb < best[1]:
+                if best is not None:
+                    shutil.rmtree(work / best[0], ignore_errors=True)
+                best = (name, bpb, report)
+            else:
+                shutil.rmtree(candidate_dir, ignore_errors=True)
+        if best is None:
+            raise TokenbridgeError("auto: every candidate failed: " +
+                                   "; ".join(f"{n}: {s['error']}" for n, s in scores.items()))
+        name, bpb, report = best
+        report.selection = {
+            "chosen": name, "scores": scores, "skipped": skipped,
+            "held_out_bytes": len(held_out), "training_bytes": len(train), "window": config.window,
+            "text": [str(p) for p in paths], "criterion": "bits per byte on the held-out slice",
+        }
+        report.write(work / name)
+        for item in (work / name).iterdir():
+            item.rename(staged / item.name)
     report.seconds = round(time.perf_counter() - started, 3)
     report.peak_rss_mb = peak_rss_mb()
     return out, report

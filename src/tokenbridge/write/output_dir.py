@@ -332,6 +332,22 @@ def _staged(make, cleanup_name: Path):
 
 
 @contextlib.contextmanager
+def scratch_dir(parent: Path, name: str):
+    """Yield a temp dir in ``parent`` for intermediate work, removed on the way out, success or failure.
+
+    Made under :func:`_signals_deferred` like a staged output, so a signal cannot leave it behind; a
+    process killed outright leaves it to :func:`sweep_orphans`."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(parent)
+    with contextlib.ExitStack() as stack:
+        with _signals_deferred():
+            tmp = temp_dir(parent, name)
+            stack.callback(_remove, tmp)
+        yield tmp
+
+
+@contextlib.contextmanager
 def staged_output(out: Path, force: bool, manifest: bool = False):
     """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it is removed.
 
