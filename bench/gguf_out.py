@@ -159,6 +159,31 @@ def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -
     return result
 
 
+def originals(names: list[str], paths: dict[str, Path], slices: list[Path], window: int) -> dict:
+    """The packaged GGUFs themselves, scored both ways on their own tokenizer's tokens: the gap between
+    llama.cpp's arithmetic on a quantised body and tokenbridge's dequantised float32, with no transplant."""
+    from llama_cpp import Llama
+
+    from tokenbridge.load.tokenizer import load_tokenizer
+    from tokenbridge.measure.bpb import prefix_token
+
+    en = next(p for p in slices if p.stem == "en")
+    out = {}
+    for name in names:
+        tokenizer = load_tokenizer(paths[name])
+        prefix, _ = prefix_token(tokenizer)
+        llm = Llama(model_path=str(paths[name]), n_ctx=4096, logits_all=True, verbose=False,
+                    n_threads=max(1, (os.cpu_count() or 2) - 1))
+        got = llama_cpp_bpb(llm, en.read_bytes(), window, prefix, tokenizer)
+        del llm
+        evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", str(paths[name]), "--text",
+                                    str(en), "--window", str(window), "--json", "--quiet"],
+                                   capture_output=True, text=True, check=True)
+        out[name] = {"en_bpb_llama_cpp_own_tokens": got["bits_per_byte"],
+                     "en_bpb_tokenbridge_eval": json.loads(evaluated.stdout)["bits_per_byte"]}
+    return out
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["## GGUF out: transplant to one .gguf file (issue 18)", "",
@@ -195,6 +220,14 @@ def markdown(result: dict) -> str:
             same = res.get("en_bpb_llama_cpp_target_tokens", {}).get("bits_per_byte", float("nan"))
             lines.append(f"| {pair} | {res['en_bpb_llama_cpp']['bits_per_byte']:.4f} | {same:.4f} | {own:.4f} | "
                          f"{directory:.4f} | {own - directory:+.4f} | {res['generation']['continuation']!r} |")
+        if result.get("llama_cpp_originals"):
+            lines += ["", "The packaged originals, each on its own tokenizer's tokens (no transplant: llama.cpp's "
+                      "arithmetic on the quantised body against tokenbridge's dequantised float32):", "",
+                      "| original GGUF | en BPB, llama.cpp's logits | tokenbridge eval | llama.cpp - tokenbridge |",
+                      "|---|---:|---:|---:|"]
+            for name, res in result["llama_cpp_originals"].items():
+                a, b = res["en_bpb_llama_cpp_own_tokens"], res["en_bpb_tokenbridge_eval"]
+                lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
     else:
         lines += ["", f"llama.cpp: {result.get('llama_cpp_skipped', 'not run')}"]
     return "\n".join(lines) + "\n"
@@ -239,6 +272,7 @@ def main() -> int:
             result["llama_cpp_skipped"] = "llama_cpp is not installed (pip install llama-cpp-python), part (b) not run"
         else:
             result["llama_cpp"] = {row["pair"]: part_b(row, paths, slices, args.window) for row in result["pairs"]}
+            result["llama_cpp_originals"] = originals(names, paths, slices, args.window)
     text = markdown(result)
     print(text)
     if args.json:

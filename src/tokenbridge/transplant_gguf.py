@@ -241,6 +241,10 @@ def _from_gguf(source, target, out, method, options, seed, force, requested, pro
     with staged_file(out, force=force) as tmp:
         gw.write_gguf(tmp, metadata, tensors, on_tensor=lambda t: bar.update(t.nbytes))
         bar.close()
+        # the float32 matrices are written: let them go before transformers rebuilds the tokenizer (1.7 GB
+        # for Gemma-3's 262,144 tokens), so that the two peaks do not stack
+        del tensors, build, vocab
+        matrices.clear()
         # also for a GGUF target's own metadata: transformers picks its tokenizer class by the architecture, so
         # a vocabulary it reads right with Gemma's it may read wrong with the source's
         report.gguf["tokenizer"]["checks"] = list(report.gguf["tokenizer"].get("checks", [])) + [
