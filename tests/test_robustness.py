@@ -758,6 +758,12 @@ def test_scratch_dir_is_removed_when_a_signal_lands_as_it_is_made(tmp_path, monk
         return made
 
     monkeypatch.setattr(output_dir, "temp_dir", interrupted)
-    with pytest.raises(KeyboardInterrupt), output_dir.scratch_dir(tmp_path, "work"):
-        raise AssertionError("the body ran although the interrupt came first")
+    # Python's own Ctrl-C handler, whatever an earlier test or library left installed (an ignored SIGINT
+    # would never interrupt anything)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), output_dir.scratch_dir(tmp_path, "work"):
+            raise AssertionError("the body ran although the interrupt came first")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _temp_entries(tmp_path) == []
