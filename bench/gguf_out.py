@@ -127,15 +127,28 @@ def llama_cpp_bpb(llm, data: bytes, window: int, prefix: int, tokenizer=None) ->
     return {"bits_per_byte": bits / len(data), "tokens": tokens, "bytes": len(data)}
 
 
-def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -> dict:
+def open_llama(gguf) -> object:
+    """llama.cpp on ``gguf``, with every position's logits kept."""
     from llama_cpp import Llama
 
+    return Llama(model_path=str(gguf), n_ctx=4096, logits_all=True, verbose=False,
+                 n_threads=max(1, (os.cpu_count() or 2) - 1))
+
+
+def tokenbridge_eval_bpb(model, text: Path, window: int) -> float:
+    """``tokenbridge eval MODEL --text TEXT`` as a fresh process: its bits per byte."""
+    evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", str(model), "--text", str(text),
+                                "--window", str(window), "--json", "--quiet"],
+                               capture_output=True, text=True, check=True)
+    return json.loads(evaluated.stdout)["bits_per_byte"]
+
+
+def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -> dict:
     from tokenbridge.load.tokenizer import load_tokenizer
     from tokenbridge.measure.bpb import prefix_token
 
     target = load_tokenizer(paths[PAIRS[row["pair"]][1]])
-    llm = Llama(model_path=row["gguf"]["out"], n_ctx=4096, logits_all=True, verbose=False,
-                n_threads=max(1, (os.cpu_count() or 2) - 1))
+    llm = open_llama(row["gguf"]["out"])
     result = {"tokenization": {}}
     for path in slices:
         text = path.read_text(encoding="utf-8")
@@ -152,18 +165,13 @@ def part_b(row: dict, paths: dict[str, Path], slices: list[Path], window: int) -
     for key, model in (("directory", row["directory"]["out"]), ("gguf", row["gguf"]["out"])):
         # the directory holds float32 vocabulary matrices; the .gguf, read back by tokenbridge (dequantised),
         # holds the quantised ones llama.cpp runs: their difference is the quantisation error
-        evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", model, "--text",
-                                    str(en), "--window", str(window), "--json", "--quiet"],
-                                   capture_output=True, text=True, check=True)
-        result[f"en_bpb_tokenbridge_eval_{key}"] = json.loads(evaluated.stdout)["bits_per_byte"]
+        result[f"en_bpb_tokenbridge_eval_{key}"] = tokenbridge_eval_bpb(model, en, window)
     return result
 
 
 def originals(names: list[str], paths: dict[str, Path], slices: list[Path], window: int) -> dict:
     """The packaged GGUFs themselves, scored both ways on their own tokenizer's tokens: the gap between
     llama.cpp's arithmetic on a quantised body and tokenbridge's dequantised float32, with no transplant."""
-    from llama_cpp import Llama
-
     from tokenbridge.load.tokenizer import load_tokenizer
     from tokenbridge.measure.bpb import prefix_token
 
@@ -172,15 +180,11 @@ def originals(names: list[str], paths: dict[str, Path], slices: list[Path], wind
     for name in names:
         tokenizer = load_tokenizer(paths[name])
         prefix, _ = prefix_token(tokenizer)
-        llm = Llama(model_path=str(paths[name]), n_ctx=4096, logits_all=True, verbose=False,
-                    n_threads=max(1, (os.cpu_count() or 2) - 1))
+        llm = open_llama(paths[name])
         got = llama_cpp_bpb(llm, en.read_bytes(), window, prefix, tokenizer)
         del llm
-        evaluated = subprocess.run([sys.executable, "-m", "tokenbridge", "eval", str(paths[name]), "--text",
-                                    str(en), "--window", str(window), "--json", "--quiet"],
-                                   capture_output=True, text=True, check=True)
         out[name] = {"en_bpb_llama_cpp_own_tokens": got["bits_per_byte"],
-                     "en_bpb_tokenbridge_eval": json.loads(evaluated.stdout)["bits_per_byte"]}
+                     "en_bpb_tokenbridge_eval": tokenbridge_eval_bpb(paths[name], en, window)}
     return out
 
 

@@ -586,7 +586,6 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path, tok_dirs):
     assert factors.min() == 1.0 and factors.max() == 8.0
 
 
-
 @pytest.mark.real
 def test_a_gguf_targets_tokenizer_is_carried_whole(tmp_path, capsys, tiny):
     """TARGET SmolLM2's GGUF, the body a Gemma-3: the target's tokenizer keys are copied as they are, and

@@ -59,10 +59,6 @@ def assert_refused(code, err, out: Path, needle: str):
     assert not [p for p in out.parent.iterdir() if ".tokenbridge-" in p.name]
 
 
-def smollm2_copy(directory: Path, name: str = "smollm2.gguf") -> Path:
-    return Path(shutil.copyfile(smollm2_gguf(), directory / name))
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, models_dir) -> Path:
     """The tiny llama model, exported in float32: damage is found the same way in any GGUF, and converting

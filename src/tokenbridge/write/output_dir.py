@@ -322,13 +322,30 @@ def _signals_deferred():
 
 
 @contextlib.contextmanager
-def _staged(make, cleanup_name: Path):
-    """``make()`` a temp path, removed on any exception from the moment it exists (see :func:`_signals_deferred`)."""
+def _removed_always(tmp: Path):
+    try:
+        yield
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def _guarded(make, cleanup):
+    """``make()`` a temp path and enter ``cleanup(path)``, its removal, with signals held between the two
+    (see :func:`_signals_deferred`)."""
     with contextlib.ExitStack() as stack:
         with _signals_deferred():
             tmp = make()
-            stack.enter_context(_removed_on_failure(tmp, cleanup_name))
+            stack.enter_context(cleanup(tmp))
         yield tmp
+
+
+def _ready(parent: Path) -> Path:
+    """``parent`` created (like ``mkdir -p``) and swept of dead processes' temp paths."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(parent)
+    return parent
 
 
 @contextlib.contextmanager
@@ -337,13 +354,8 @@ def scratch_dir(parent: Path, name: str):
 
     Made under :func:`_signals_deferred` like a staged output, so a signal cannot leave it behind; a
     process killed outright leaves it to :func:`sweep_orphans`."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(parent)
-    with contextlib.ExitStack() as stack:
-        with _signals_deferred():
-            tmp = temp_dir(parent, name)
-            stack.callback(_remove, tmp)
+    parent = _ready(parent)
+    with _guarded(lambda: temp_dir(parent, name), _removed_always) as tmp:
         yield tmp
 
 
@@ -355,9 +367,8 @@ def staged_output(out: Path, force: bool, manifest: bool = False):
     """
     given = Path(out)
     out = publish_path(given)
-    out.parent.mkdir(parents=True, exist_ok=True)  # missing parents are created, like mkdir -p
-    sweep_orphans(out.parent)
-    with _staged(lambda: temp_dir(out.parent, out.name), given) as tmp:
+    _ready(out.parent)
+    with _guarded(lambda: temp_dir(out.parent, out.name), lambda tmp: _removed_on_failure(tmp, given)) as tmp:
         yield tmp
         scrub_remote_code(tmp)
         apply_umask(tmp)
@@ -377,9 +388,9 @@ def staged_file(out: Path, force: bool = True):
     Missing parents are created.  Without ``force`` an ``out`` that appeared while writing is not replaced.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(out.parent)
-    with _staged(lambda: temp_file(out.parent, out.name, suffix="".join(out.suffixes[-1:])), out) as tmp:
+    _ready(out.parent)
+    with _guarded(lambda: temp_file(out.parent, out.name, suffix="".join(out.suffixes[-1:])),
+                  lambda tmp: _removed_on_failure(tmp, out)) as tmp:
         yield tmp
         if not force and os.path.lexists(out):
             raise TokenbridgeError(f"{out}: appeared while writing (pass --force to replace it)")
